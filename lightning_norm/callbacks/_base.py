@@ -1,0 +1,148 @@
+"""A small base for lightning_norm's monitoring callbacks: when, on what, and where to write.
+
+Every monitor shares the same four chores, and :class:`MonitorCallback` does them once:
+
+* **schedule** -- a :class:`~lightning_norm.schedule.StepSchedule` built from ``every_n_steps``,
+  ``log_spaced`` and ``points_per_octave`` (checked at construction);
+* **selection** -- a :class:`~lightning_norm.selection.LayerSelection` resolved against the
+  LightningModule in ``setup("fit")``, so a bad type or a glob that matches nothing fails before
+  the first step; the result is ``self.layers``, a list of ``(qualified_name, module)``;
+* **sink** -- a :class:`~lightning_norm.sink.LogSink` over ``trainer.loggers`` (``self.sink``),
+  created in ``setup``; :meth:`log_scalars` writes through it at a given step;
+* **state** -- ``state_key`` built from :meth:`state_key_settings`, so two instances with
+  different settings coexist in one Trainer and each restores its own ``state_dict``.
+
+It also owns the forward/backward hook handles: subclasses append the handles they register to
+``self._handles`` and override :meth:`release` for any other per-fit state; :meth:`release` runs at
+``on_fit_end``, ``teardown`` and ``on_exception`` (KeyboardInterrupt included, which Lightning
+routes through ``on_exception`` without calling ``teardown``), so nothing leaks into a later
+``validate``/``test``/``predict`` or a second ``fit``.
+
+Subclass recipe::
+
+    class MyMonitor(MonitorCallback):
+        def __init__(self, *, every_n_steps=1, layers=None):
+            super().__init__(every_n_steps=every_n_steps, layers=layers)
+
+        def on_fit_start(self, trainer, pl_module):
+            for name, module in self.layers:
+                self._handles.append(module.register_forward_hook(...))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.is_due(trainer.global_step):
+                self.log_scalars({"my_group/total/metric": value}, trainer.global_step)
+
+Only the ``fit`` stage is monitored: ``setup`` for ``validate``/``test``/``predict`` does nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_norm.errors import ConfigurationError
+from lightning_norm.schedule import StepSchedule
+from lightning_norm.selection import LayerSelection
+from lightning_norm.sink import LogSink
+
+
+class MonitorCallback(Callback):
+    """Base of lightning_norm's monitoring callbacks: schedule, layer selection, sink, state key.
+
+    Args:
+        every_n_steps: measure every N optimizer steps (``trainer.global_step``), N >= 1.
+        log_spaced: double the interval every octave of steps (dense early, sparse late).
+        points_per_octave: measurements per doubling of the step count when ``log_spaced``.
+        layers: which modules to look at; ``None`` uses :meth:`default_selection`.
+
+    Raises:
+        ConfigurationError: a schedule setting is not a positive integer, or ``layers`` is not a
+            :class:`~lightning_norm.selection.LayerSelection` (at construction).
+        SelectionError: the selection matches no module of the LightningModule (at ``setup``).
+
+    Example::
+
+        class Counter(MonitorCallback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if self.is_due(trainer.global_step):
+                    self.log_scalars({"count/total": len(self.layers)}, trainer.global_step)
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 1,
+        log_spaced: bool = False,
+        points_per_octave: int = 10,
+        layers: LayerSelection | None = None,
+    ) -> None:
+        super().__init__()
+        self.schedule = StepSchedule(every_n_steps, log_spaced, points_per_octave)
+        if layers is not None and not isinstance(layers, LayerSelection):
+            raise ConfigurationError(
+                f"`layers` must be a lightning_norm.LayerSelection or None, got {layers!r}. "
+                f"Pass e.g. layers=LayerSelection(include='features.*')."
+            )
+        self.selection = layers
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.sink: LogSink | None = None
+        self._handles: list[RemovableHandle] = []
+
+    # -- configuration -------------------------------------------------------------------------
+    def default_selection(self) -> LayerSelection:
+        """The selection used when ``layers=None`` (norm layers, else Conv/Linear)."""
+        return LayerSelection()
+
+    def state_key_settings(self) -> dict[str, Any]:
+        """The settings that tell two instances apart in a checkpoint; extend in subclasses."""
+        return {
+            "every_n_steps": self.schedule.every_n_steps,
+            "log_spaced": self.schedule.log_spaced,
+            "layers": repr(self.selection),
+        }
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.state_key_settings())
+
+    def resolve_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Resolve the selection on ``model`` (raises ``SelectionError`` if nothing matches)."""
+        selection = self.selection if self.selection is not None else self.default_selection()
+        return selection.resolve(model)
+
+    def is_due(self, step: int) -> bool:
+        """Whether the schedule measures at optimizer step ``step``."""
+        return self.schedule.is_due(step)
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.layers = self.resolve_layers(pl_module)
+        self.sink = LogSink(trainer.loggers)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.release()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.release()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self.release()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def log_scalars(self, metrics: dict[str, float | Tensor], step: int) -> None:
+        """Write ``metrics`` through the sink (one host transfer for all tensors)."""
+        if self.sink is not None and metrics:
+            self.sink.log_scalars(metrics, step=step)
+
+    def release(self) -> None:
+        """Remove every registered hook; subclasses extend it to drop per-fit buffers."""
+        while self._handles:
+            self._handles.pop().remove()
