@@ -22,7 +22,8 @@ class StepSchedule:
     gets about ``points_per_octave`` measurements. With ``N = every_n_steps`` and
     ``P = points_per_octave``, the interval at step ``s`` is ``N`` for ``s < P * N`` and
     ``N * 2**j`` for ``P * N * 2**j <= s < P * N * 2**(j+1)``; the step is due when it is a
-    multiple of its interval. Example (N=1, P=10): 0, 1, ..., 19, 20, 22, ..., 38, 40, 44, ..., 76, 80, 88, ...
+    multiple of its interval. Example (N=1, P=10): 0, 1, ..., 19, 20, 22, ..., 38, 40, 44, ...,
+    76, 80, 88, ...
 
     Args:
         every_n_steps: the smallest interval between two measurements, in optimizer steps (>= 1).

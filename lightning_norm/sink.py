@@ -35,7 +35,9 @@ def _rank() -> int:
 def _kind(logger: Any) -> str:
     """``"tensorboard"``, ``"wandb"`` or ``"other"``, without importing the logger packages."""
     name = type(logger).__name__
-    if name == "TensorBoardLogger" or hasattr(getattr(logger, "_experiment", None), "add_histogram"):
+    if name == "TensorBoardLogger" or hasattr(
+        getattr(logger, "_experiment", None), "add_histogram"
+    ):
         return "tensorboard"
     if name == "WandbLogger":
         return "wandb"
@@ -113,7 +115,9 @@ class LogSink:
         for logger in self.loggers:
             logger.log_metrics(ordered, step=step)
 
-    def log_histogram(self, name: str, values: Tensor | Histogram, step: int, bins: int = 64) -> None:
+    def log_histogram(
+        self, name: str, values: Tensor | Histogram, step: int, bins: int = 64
+    ) -> None:
         """Write a histogram of ``values`` (computed on their device) to TensorBoard and W&B."""
         if not self.loggers:
             return
@@ -138,8 +142,10 @@ class LogSink:
                 import wandb
 
                 logger.experiment.log(
-                    {name: wandb.Histogram(np_histogram=(hist.counts, hist.edges)),
-                     WANDB_STEP_METRIC: step}
+                    {
+                        name: wandb.Histogram(np_histogram=(hist.counts, hist.edges)),
+                        WANDB_STEP_METRIC: step,
+                    }
                 )
             else:
                 self._notice_once(logger, "histograms")

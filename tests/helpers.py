@@ -40,9 +40,17 @@ class Classifier(L.LightningModule):
     probes do not log.
     """
 
-    def __init__(self, net: nn.Module | None = None, lr: float = 0.1, optimizer: str = "sgd",
-                 momentum: float = 0.0, weight_decay: float = 0.0, data_seed: int = 0,
-                 n: int = 64, batch_size: int = 16):
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        data_seed: int = 0,
+        n: int = 64,
+        batch_size: int = 16,
+    ):
         super().__init__()
         self.net = net if net is not None else small_convnet()
         self.lr, self.optimizer_name = lr, optimizer
@@ -67,8 +75,9 @@ class Classifier(L.LightningModule):
             return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.optimizer_name == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
-                               weight_decay=self.weight_decay)
+        return torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
 
     def train_dataloader(self):
         return DataLoader(random_images(self.n, seed=self.data_seed), batch_size=self.batch_size)
@@ -79,8 +88,16 @@ class Classifier(L.LightningModule):
 
 def cpu_trainer(**kwargs) -> L.Trainer:
     """A quiet CPU Trainer for tests; kwargs override the defaults."""
-    defaults = dict(accelerator="cpu", devices=1, max_steps=4, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
