@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_norm import dashboard as _dashboard
+
 log = logging.getLogger(__name__)
 
 #: The W&B step metric the sink logs against (Lightning's WandbLogger uses the same key).
@@ -112,6 +114,7 @@ class LogSink:
             stacked = torch.stack([metrics[k].detach().float().reshape(()) for k in tensors])
             values.update(zip(tensors, stacked.cpu().tolist(), strict=True))
         ordered = {k: values[k] for k in keys}
+        _dashboard.observe(self.loggers, keys)  # TB layout / W&B metric definitions
         for logger in self.loggers:
             logger.log_metrics(ordered, step=step)
 
