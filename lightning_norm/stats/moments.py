@@ -1,0 +1,113 @@
+"""Running first and second moments that merge exactly across micro-batches and ranks.
+
+Plain PyTorch. A :class:`Moments` holds, per entry, the count ``n``, the mean and ``m2`` (the sum
+of squared deviations from the mean), the state of Welford's algorithm. Two states merge with
+Chan et al.'s pairwise formula, which keeps the float32 accuracy of each part, unlike raw sums of
+squares (``E[x^2] - E[x]^2`` loses every digit when the mean is large compared to the spread).
+Everything stays on the tensors' device; nothing is moved to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: dtypes statistics are accumulated in as they are; anything else (bf16, fp16) is upcast.
+ACCUMULATE_DTYPES = (torch.float32, torch.float64)
+
+
+def as_accumulation_dtype(x: Tensor) -> Tensor:
+    """``x`` in float32 unless it already is float32/float64 (bf16/fp16 activations are upcast)."""
+    return x if x.dtype in ACCUMULATE_DTYPES else x.float()
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations (``m2``) of one or more groups of values.
+
+    The population variance is ``m2 / n`` and the unbiased one ``m2 / (n - 1)``; units are those
+    of the values (squared for variances). Shapes of the three tensors agree (a 0-d tensor for
+    one group, a ``(k,)`` tensor for ``k`` units).
+
+    Args:
+        count: number of values per group (float tensor, so that it can be all-gathered).
+        mean: mean per group.
+        m2: sum of squared deviations from ``mean`` per group.
+
+    Example::
+
+        m = Moments.from_tensor(x1).merge(Moments.from_tensor(x2))
+        m.mean, m.var  # equal to those of torch.cat([x1.flatten(), x2.flatten()])
+    """
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def from_tensor(cls, x: Tensor, dim: int | Sequence[int] | None = None) -> Moments:
+        """The moments of ``x`` over ``dim`` (all of it by default), accumulated in float32.
+
+        Raises:
+            ValueError: ``x`` has no elements along ``dim``.
+        """
+        x = as_accumulation_dtype(x.detach())
+        if dim is None:
+            n = x.numel()
+            var, mean = torch.var_mean(x, correction=0)
+        else:
+            dims = (dim,) if isinstance(dim, int) else tuple(dim)
+            n = 1
+            for d in dims:
+                n *= x.shape[d]
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+        if n == 0:
+            raise ValueError("Cannot compute moments of an empty tensor; pass a non-empty batch.")
+        count = torch.full_like(mean, float(n))
+        return cls(count, mean, var * n)
+
+    @classmethod
+    def empty(cls, shape: Sequence[int] = (), device: torch.device | str | None = None) -> Moments:
+        """The state of no values (count 0); merging it changes nothing."""
+        z = torch.zeros(tuple(shape), device=device)
+        return cls(z, z.clone(), z.clone())
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of the union of both groups of values (Chan et al. 1979)."""
+        n = self.count + other.count
+        safe_n = n.clamp(min=1)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / safe_n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe_n)
+        return Moments(n, mean, m2)
+
+    @classmethod
+    def merge_all(cls, count: Tensor, mean: Tensor, m2: Tensor, dim: int = 0) -> Moments:
+        """Merge states stacked along ``dim`` (e.g. one per rank) in one vectorised pass.
+
+        Uses ``m2 = sum_r (m2_r + n_r (mean_r - mean)^2)``, the same quantity as pairwise
+        merging.
+        """
+        n = count.sum(dim)
+        safe_n = n.clamp(min=1)
+        mean_all = (count * mean).sum(dim) / safe_n
+        dev = mean - mean_all.unsqueeze(dim)
+        m2_all = (m2 + count * dev * dev).sum(dim)
+        return cls(n, mean_all, m2_all)
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance ``m2 / n`` (NaN where ``n == 0``)."""
+        return self.m2 / self.count.where(self.count > 0, torch.nan)
+
+    @property
+    def std(self) -> Tensor:
+        """Population standard deviation ``sqrt(m2 / n)``."""
+        return self.var.sqrt()
+
+    def stack(self) -> Tensor:
+        """``(3, *shape)`` tensor ``[count, mean, m2]`` for packing into one collective."""
+        return torch.stack([self.count, self.mean, self.m2])
