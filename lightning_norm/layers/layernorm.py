@@ -1,0 +1,115 @@
+"""Layer normalization per sample over (C, *spatial), and its per-position channels-first form."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_norm.errors import ConfigurationError
+from lightning_norm.layers._common import (
+    check_channels,
+    check_input,
+    check_source_bn,
+    copy_affine,
+)
+from lightning_norm.layers.base import NormLayer
+
+
+class _AffineNorm(NormLayer):
+    """Shared construction: ``num_channels``, ``eps``, optional per-channel weight and bias."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.num_channels = check_channels(num_channels, type(self))
+        if not float(eps) >= 0:
+            raise ConfigurationError(f"{type(self).__name__}: `eps` must be >= 0, got {eps!r}.")
+        self.eps, self.affine = float(eps), bool(affine)
+        if self.affine:
+            self.weight = torch.nn.Parameter(torch.ones(num_channels))
+            self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def load_from_batchnorm(self, bn: _BatchNorm) -> list[str]:
+        """Copy ``bn``'s per-channel ``weight`` and ``bias`` (if both are affine).
+
+        BN's running statistics and eps mean nothing for a per-sample normalization.
+
+        Returns:
+            The names of ``bn``'s state that were copied.
+        """
+        check_source_bn(self, bn)
+        return copy_affine(self, bn)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class LayerNorm(_AffineNorm):
+    """Layer normalization of each sample over all its channels and positions.
+
+    For a sample ``x`` of shape ``(C, *spatial)`` (Ba et al. 2016, as in ``science.md`` §3):
+    ``y = gamma_c * (x - E[x]) / sqrt(Var[x] + eps) + beta_c`` with the mean and biased variance
+    over all ``C * prod(spatial)`` values of the sample, and one ``gamma``/``beta`` per channel
+    (not per element, so it drops in where BatchNorm was). Same in train and eval; no running
+    statistics. Computed as ``F.group_norm`` with one group.
+
+    Args:
+        num_channels: ``C``, the size of dimension 1 of the input.
+        eps: added to the variance.
+        affine: learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+
+    Raises:
+        ConfigurationError: input of the wrong shape, or ``(N, 1)`` input (a single value per
+            sample normalizes to a constant).
+
+    Example::
+
+        ln = LayerNorm(64)
+        y = ln(torch.randn(8, 64, 16, 16))
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self, x, self.num_channels)
+        if x[0].numel() == 1:
+            raise ConfigurationError(
+                f"LayerNorm: each sample of the input {tuple(x.shape)} has a single value, which "
+                f"normalizes to a constant. Use it where samples have several values."
+            )
+        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+
+
+class LayerNormChannelsFirst(_AffineNorm):
+    """Layer normalization over the channels at each position (timm's ``LayerNorm2d``, any rank).
+
+    For every sample ``n`` and position ``p``: ``y[n, :, p] = gamma * (x[n, :, p] - mean_c) /
+    sqrt(var_c + eps) + beta`` with the mean and biased variance over the ``C`` channels. Same in
+    train and eval; no running statistics. On ``(N, C)`` input it is ``nn.LayerNorm(C)``.
+
+    Args:
+        num_channels: ``C``, the size of dimension 1 of the input.
+        eps: added to the variance.
+        affine: learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+
+    Raises:
+        ConfigurationError: input of the wrong shape, or ``num_channels == 1`` at forward (one
+            channel normalizes to a constant).
+
+    Example::
+
+        ln2d = LayerNormChannelsFirst(64)
+        y = ln2d(torch.randn(8, 64, 16, 16))
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self, x, self.num_channels)
+        if self.num_channels == 1:
+            raise ConfigurationError(
+                "LayerNormChannelsFirst: with one channel every position normalizes to a "
+                "constant; use it on layers with several channels."
+            )
+        y = F.layer_norm(x.movedim(1, -1), (self.num_channels,), self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
