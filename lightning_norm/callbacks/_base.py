@@ -90,6 +90,7 @@ class MonitorCallback(Callback):
         self.selection = layers
         self.layers: list[tuple[str, nn.Module]] = []
         self.sink: LogSink | None = None
+        self.is_global_zero = True
         self._handles: list[RemovableHandle] = []
 
     # -- configuration -------------------------------------------------------------------------
@@ -124,6 +125,7 @@ class MonitorCallback(Callback):
             return
         self.layers = self.resolve_layers(pl_module)
         self.sink = LogSink(trainer.loggers)
+        self.is_global_zero = trainer.is_global_zero
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.release()
@@ -138,8 +140,12 @@ class MonitorCallback(Callback):
 
     # -- helpers -------------------------------------------------------------------------------
     def log_scalars(self, metrics: dict[str, float | Tensor], step: int) -> None:
-        """Write ``metrics`` through the sink (one host transfer for all tensors)."""
-        if self.sink is not None and metrics:
+        """Write ``metrics`` through the sink (one host transfer for all tensors).
+
+        Only rank zero writes (Lightning's loggers ignore other ranks anyway); skipping the other
+        ranks here also saves their host transfer.
+        """
+        if self.sink is not None and metrics and self.is_global_zero:
             self.sink.log_scalars(metrics, step=step)
 
     def release(self) -> None:
