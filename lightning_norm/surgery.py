@@ -21,7 +21,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from lightning_norm.errors import ConfigurationError, SelectionError, SurgeryError
+from lightning_norm.errors import (
+    ConfigurationError,
+    SelectionError,
+    SurgeryError,
+    UnknownNormError,
+)
 from lightning_norm.layers.base import NormLayer
 from lightning_norm.selection import NameFilter, _check_filter, _matches
 
@@ -250,8 +255,9 @@ def _create_norm(to: NormTarget, num_channels: int, *, source: nn.Module, **opti
 def check_target(to: Any) -> None:
     """Raise early when ``to`` cannot name a normalization.
 
-    A string must be a registered name (:func:`lightning_norm.layers.available_norms`); anything
-    else must be a class or a callable factory.
+    A string must be a registered name (:func:`lightning_norm.layers.available_norms`, matched
+    as the registry matches: case, ``-`` and ``_`` ignored); anything else must be a class or a
+    callable factory.
 
     Raises:
         UnknownNormError: an unregistered name (the message lists the registered ones).
@@ -259,11 +265,13 @@ def check_target(to: Any) -> None:
     """
     if isinstance(to, str):
         registry = _registry()
-        resolve = getattr(registry, "resolve_norm", None) or getattr(registry, "get_norm", None)
-        if resolve is not None:
-            resolve(to)
-        else:
-            _check_name_in(to, registry.available_norms())
+        names = list(registry.available_norms())
+        key = getattr(registry, "_key", _name_key)
+        if key(to) not in {key(n) for n in names}:
+            raise UnknownNormError(
+                f"Unknown normalization {to!r}. Choose one of: {', '.join(sorted(names))}; or "
+                f"pass an nn.Module class or a factory, or register your own with register_norm."
+            )
         return
     if not callable(to):
         raise ConfigurationError(
@@ -272,15 +280,8 @@ def check_target(to: Any) -> None:
         )
 
 
-def _check_name_in(to: str, names: Sequence[str]) -> None:
-    from lightning_norm.errors import UnknownNormError
-
-    key = to.strip().lower().replace("-", "_")
-    if key not in {n.lower() for n in names}:
-        raise UnknownNormError(
-            f"Unknown normalization {to!r}. Choose one of: {', '.join(sorted(names))}, or pass an "
-            f"nn.Module class or factory (register your own with register_norm)."
-        )
+def _name_key(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "").replace(" ", "")
 
 
 def _check_not_compiled(model: nn.Module, bn_names: Sequence[str]) -> None:
@@ -383,9 +384,9 @@ def _build(name: str, old: nn.Module, to: NormTarget, options: dict[str, Any]) -
         new = _create_norm(to, channels, source=old, **options)
     except (SurgeryError, LookupError):
         raise
-    except (ConfigurationError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # ConfigurationError is a ValueError
         raise SwapOptionsError(
-            f"Cannot build {describe_target(to)!r} for {name or '<root>'} "
+            f"Cannot build {describe_target(to)!r} for {name or '<root>'!r} "
             f"({type(old).__name__}, {channels} channels) with options {options!r}: {err}"
         ) from err
     if not isinstance(new, nn.Module):
@@ -493,6 +494,7 @@ def swap_norms(
             if isinstance(parent, NormLayer):
                 inside_ours[key] = pname
 
+    _check_not_compiled(model, [n for ns in names.values() for n in ns])
     report = SwapReport(model=model, target=describe_target(to), dry_run=dry_run)
     if not modules:
         warnings.warn(
@@ -502,7 +504,6 @@ def swap_norms(
             stacklevel=2,
         )
         return report
-    _check_not_compiled(model, [n for ns in names.values() for n in ns])
 
     chosen: list[int] = []
     for key, module in modules.items():
