@@ -92,3 +92,12 @@ def test_bad_settings_and_non_differentiable_loss():
         top_hessian_eigenvalue(loss_fn, params, max_iter=0)
     with pytest.raises(ConfigurationError, match="scalar tensor"):
         HessianOperator(lambda p: torch.tensor(1.0), params)
+
+
+def test_from_graph_equals_closure_operator():
+    _, loss_fn, params, hess = tiny_case(bn=True)
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    op = HessianOperator.from_graph(loss_fn(leaves), leaves)
+    v = [torch.ones_like(p) for p in params.values()]
+    got = torch.cat([t.reshape(-1) for t in op.matvec(v)])
+    assert torch.allclose(got, hess @ torch.ones(hess.shape[0], dtype=torch.float64), rtol=1e-10)

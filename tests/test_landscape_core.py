@@ -16,7 +16,12 @@ from lightning_norm.probes.directions import (
     filter_normalized_direction,
     random_direction,
 )
-from lightning_norm.probes.landscape import EtaGrid, gradient_landscape, loss_slice
+from lightning_norm.probes.landscape import (
+    EtaGrid,
+    autograd_loss_and_grad,
+    gradient_landscape,
+    loss_slice,
+)
 from tests.helpers import small_convnet
 
 
@@ -86,7 +91,7 @@ def test_gradient_landscape_matches_brute_force(kind):
     lr = 0.3
     etas = EtaGrid().etas(lr)
     assert etas == pytest.approx([lr * m for m in (0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4)])
-    res = gradient_landscape(replay_loss_fn(net, x, y), params, grad, etas)
+    res = gradient_landscape(autograd_loss_and_grad(replay_loss_fn(net, x, y)), params, grad, etas)
     summary = res.summary()
 
     losses, diffs, betas = [], [], []
@@ -131,7 +136,9 @@ def test_per_parameter_scale_matches_brute_force():
         offset += p.numel()
     s = torch.tensor(scale_vec, dtype=torch.float64)
     eta = 0.2
-    res = gradient_landscape(replay_loss_fn(net, x, y), params, grad, [eta], scale=scale)
+    res = gradient_landscape(
+        autograd_loss_and_grad(replay_loss_fn(net, x, y)), params, grad, [eta], scale=scale
+    )
     loss, g_eta = brute_loss_and_grad(net, x, y, flat_w - eta * s * flat_g)
     diff = math.sqrt(
         sum((a - b) ** 2 for a, b in zip(flat_g.tolist(), g_eta.tolist(), strict=True))
@@ -155,7 +162,7 @@ def test_diverged_points_are_counted_and_skipped():
         return loss * float("inf") if float(shift.detach()) > 1.0 else loss
 
     etas = [0.5, 1.0, 2.0, 3.0]
-    res = gradient_landscape(loss_fn, params, grad, etas)
+    res = gradient_landscape(autograd_loss_and_grad(loss_fn), params, grad, etas)
     summary = res.summary()
     assert res.finite.tolist() == [True, True, False, False]
     assert float(summary["nonfinite"]) == 2
@@ -163,7 +170,7 @@ def test_diverged_points_are_counted_and_skipped():
     assert float(summary["loss_max"]) == max(finite_losses)
     assert float(summary["grad_pred_max"]) == max(res.grad_diff[:2].tolist())
     # Every point diverged: statistics are NaN, the count is the grid size, nothing raises.
-    res = gradient_landscape(loss_fn, params, grad, [5.0, 6.0])
+    res = gradient_landscape(autograd_loss_and_grad(loss_fn), params, grad, [5.0, 6.0])
     summary = res.summary()
     assert math.isnan(float(summary["loss_min"])) and math.isnan(float(summary["beta_eff"]))
     assert float(summary["nonfinite"]) == 2

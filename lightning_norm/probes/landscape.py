@@ -1,8 +1,10 @@
 """The loss landscape along the gradient (S18 Sec. 3.2, App. A.2.2, Fig. 4), in plain PyTorch.
 
-Written against a closure ``loss_fn(params) -> loss`` that evaluates the training loss on one
-fixed batch (same RNG replay, same autocast) with the parameters replaced by ``params``
-(name -> tensor); :mod:`lightning_norm.probes.replay` provides it for a Lightning training step.
+Written against an oracle ``loss_and_grad(params) -> (loss, {name: grad})`` that evaluates the
+training loss and its gradient on one fixed batch (same RNG replay, same autocast) with the
+parameters replaced by ``params`` (name -> tensor): for a Lightning training step
+:class:`~lightning_norm.probes.replay.StepReplay`'s ``loss_and_grad``; for any differentiable
+closure ``loss_fn(params) -> loss``, :func:`autograd_loss_and_grad`.
 
 At parameters ``w`` with gradient ``g = grad L(w)``, for every step length ``eta`` of a grid,
 the probe point is ``w_eta = w - eta * s * g`` (``s`` an optional per-parameter multiplier,
@@ -36,7 +38,8 @@ from torch import Tensor
 from lightning_norm.errors import ConfigurationError
 
 LossFn = Callable[[Mapping[str, Tensor]], Tensor]
-Reduce = Callable[[list[Tensor]], None]
+LossAndGrad = Callable[[Mapping[str, Tensor]], tuple[Tensor, Mapping[str, Tensor]]]
+Reduce = Callable[[list[Tensor]], list[Tensor]]
 Spacing = Literal["linear", "log"]
 
 #: The metric names :meth:`GradientLandscape.summary` returns (logged as ``landscape/total/<m>``).
@@ -189,31 +192,71 @@ class GradientLandscape:
         }
 
 
+def autograd_loss_and_grad(loss_fn: LossFn, reduce: Reduce | None = None) -> LossAndGrad:
+    """A ``loss_and_grad`` oracle from a differentiable closure ``loss_fn(params) -> loss``.
+
+    The returned function evaluates ``loss_fn`` at fresh leaves equal to ``params`` (no copy of
+    the values, never written) and returns ``(loss, {name: grad})`` from one forward and one
+    backward (:func:`torch.autograd.grad`, so no ``.grad`` is touched), averaged over processes
+    by ``reduce`` when given. :class:`~lightning_norm.probes.replay.StepReplay`'s
+    ``loss_and_grad`` is the same kind of oracle for a Lightning training step.
+
+    Args:
+        loss_fn: ``params -> scalar loss`` (deterministic on a fixed batch).
+        reduce: mean over processes of a list of tensors, returning new ones (DDP:
+            :func:`~lightning_norm.probes.replay.all_reduce_mean`), or ``None``.
+
+    Returns:
+        ``loss_and_grad(params) -> (loss, grads)``; a parameter the loss does not use gets zeros.
+
+    Example::
+
+        oracle = autograd_loss_and_grad(lambda p: F.mse_loss(functional_call(net, p, (x,)), y))
+        loss, grads = oracle({n: p.detach() for n, p in net.named_parameters()})
+    """
+
+    def loss_and_grad(params: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        names = list(params)
+        leaves = [params[n].detach().requires_grad_(True) for n in names]
+        with torch.enable_grad():
+            loss = loss_fn(dict(zip(names, leaves, strict=True))).reshape(())
+            found = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [
+            torch.zeros_like(x) if q is None else q for x, q in zip(leaves, found, strict=True)
+        ]
+        loss = loss.detach()
+        if reduce is not None:
+            loss, *grads = reduce([loss, *grads])
+        return loss, dict(zip(names, grads, strict=True))
+
+    return loss_and_grad
+
+
 def gradient_landscape(
-    loss_fn: LossFn,
+    loss_and_grad: LossAndGrad,
     params: Mapping[str, Tensor],
     grad: Mapping[str, Tensor],
     etas: Sequence[float],
     scale: Mapping[str, float] | None = None,
-    reduce: Reduce | None = None,
 ) -> GradientLandscape:
     """Loss, gradient predictiveness and effective smoothness along ``-g`` (S18 Fig. 4).
 
     For each ``eta``: ``w_eta = w - eta * s * g``; ``L(w_eta)`` and ``grad L(w_eta)`` from one
-    forward and one backward of ``loss_fn``; ``grad_diff = ||g - grad L(w_eta)||_2``,
-    ``step_norm = ||eta s g||_2``, ``beta = grad_diff / step_norm``. Norms are taken over all
-    parameters together (accumulated in float32, or float64 when a parameter is float64).
-    Parameters are never written; the probe point is a fresh tensor per parameter.
+    call of ``loss_and_grad`` (one forward and one backward); ``grad_diff = ||g - grad
+    L(w_eta)||_2``, ``step_norm = ||eta s g||_2``, ``beta = grad_diff / step_norm``. Norms are
+    taken over all parameters together (accumulated in float32, or float64 when a parameter is
+    float64). Parameters are never written; the probe point is a fresh tensor per parameter.
 
     Args:
-        loss_fn: ``params -> scalar loss`` on the probed batch (deterministic: same RNG replay).
-        params: name -> parameter tensor ``w`` (every name ``loss_fn`` should see overridden).
+        loss_and_grad: ``params -> (loss, {name: grad})`` on the probed batch, deterministic
+            (same RNG replay) and describing the global batch under DDP: a
+            :class:`~lightning_norm.probes.replay.StepReplay`'s ``loss_and_grad`` or
+            :func:`autograd_loss_and_grad`.
+        params: name -> parameter tensor ``w`` (the parameters that move; others stay put).
         grad: name -> ``grad L(w)`` (the step's own gradient); a missing name counts as zero.
         etas: the step lengths.
         scale: name -> multiplier ``s`` of the step for that parameter (per-group learning rates
             relative to the reference one); missing names use 1.
-        reduce: in-place mean over processes of a list of tensors (DDP: makes the loss and the
-            gradient those of the global batch), or ``None``.
 
     Returns:
         :class:`GradientLandscape`.
@@ -227,10 +270,10 @@ def gradient_landscape(
         def loss_fn(p):
             return F.cross_entropy(torch.func.functional_call(net, p, (x,)), y)
 
+        oracle = autograd_loss_and_grad(loss_fn)
         w = {n: p.detach() for n, p in net.named_parameters()}
-        loss = loss_fn(dict(net.named_parameters()))
-        g = dict(zip(w, torch.autograd.grad(loss, list(net.parameters()))))
-        res = gradient_landscape(loss_fn, w, g, EtaGrid().etas(lr=0.1))
+        _, g = oracle(w)
+        res = gradient_landscape(oracle, w, g, EtaGrid().etas(lr=0.1))
         res.summary()["beta_eff"]
     """
     if len(etas) == 0:
@@ -249,34 +292,24 @@ def gradient_landscape(
                 f"{tuple(wi.shape)}."
             )
     acc = _acc_dtype(w)
-    step_dir = [gi * scale.get(n, 1.0) for n, gi in zip(names, g, strict=True)]
-    dir_norm = _sq_norm(step_dir, acc).sqrt()
-    del step_dir
+    dir_norm = _sq_norm([gi * scale.get(n, 1.0) for n, gi in zip(names, g, strict=True)], acc)
+    dir_norm = dir_norm.sqrt()
 
     losses, diffs, step_norms = [], [], []
     # A diverged probe must not trip the user's anomaly detection and stop training.
-    with torch.enable_grad(), torch.autograd.set_detect_anomaly(False):
+    with torch.autograd.set_detect_anomaly(False):
         for eta in etas:
-            point = [
-                (wi - (eta * scale.get(n, 1.0)) * gi).requires_grad_(True)
+            point = {
+                n: wi - (eta * scale.get(n, 1.0)) * gi
                 for n, wi, gi in zip(names, w, g, strict=True)
-            ]
-            loss = loss_fn(dict(zip(names, point, strict=True)))
-            grads = torch.autograd.grad(loss.reshape(()), point, allow_unused=True)
-            grads = [
-                torch.zeros_like(p) if q is None else q for p, q in zip(point, grads, strict=True)
-            ]
+            }
+            loss, grads = loss_and_grad(point)
             del point
-            loss = loss.detach().reshape(())
-            if reduce is not None:
-                bucket = [loss, *grads]
-                reduce(bucket)
-                loss, grads = bucket[0], bucket[1:]
-            diff = [gi - qi for gi, qi in zip(g, grads, strict=True)]
+            diff = [gi - grads[n] for n, gi in zip(names, g, strict=True)]
             del grads
             diffs.append(_sq_norm(diff, acc).sqrt())
             del diff
-            losses.append(loss.to(acc))
+            losses.append(loss.detach().reshape(()).to(acc))
             step_norms.append(abs(eta) * dir_norm)
     loss_t = torch.stack(losses)
     diff_t = torch.stack(diffs).to(loss_t.device)
@@ -291,7 +324,6 @@ def loss_slice(
     params: Mapping[str, Tensor],
     directions: Sequence[Mapping[str, Tensor]],
     coords: Sequence[Sequence[float]],
-    reduce: Reduce | None = None,
 ) -> Tensor:
     """``L(w + a_1 d_1 + ... + a_k d_k)`` on the grid of coordinates ``coords`` (no gradients).
 
@@ -301,12 +333,12 @@ def loss_slice(
     Non-finite losses are kept as they are (inf/NaN).
 
     Args:
-        loss_fn: ``params -> scalar loss`` on a fixed batch.
+        loss_fn: ``params -> scalar loss`` on a fixed batch (for DDP, already the global-batch
+            mean, as :class:`~lightning_norm.probes.replay.StepReplay`'s ``loss`` is).
         params: name -> parameter tensor ``w``.
         directions: one mapping name -> direction per axis (names missing from a direction do
             not move along it).
         coords: one sequence of coordinates per axis.
-        reduce: in-place mean over processes (DDP), or ``None``.
 
     Returns:
         Tensor of losses with one dimension per direction (on the loss's device).
@@ -347,9 +379,4 @@ def loss_slice(
                         p = p + coords[axis][idx[axis]] * d[n]
                 point[n] = p
             values.append(loss_fn(point).detach().reshape(()))
-        out = torch.stack(values)
-        if reduce is not None:
-            bucket = [out]
-            reduce(bucket)
-            out = bucket[0]
-    return out.reshape(shape)
+    return torch.stack(values).reshape(shape)
