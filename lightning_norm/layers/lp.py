@@ -33,6 +33,71 @@ def parse_p(p: float | int | str) -> float:
     return value
 
 
+class _LocalStats(torch.autograd.Function):
+    """Per-channel ``sum x`` and ``sum |x|^p`` (``max |x|`` for p = inf) with a one-pass backward.
+
+    Autograd of ``x.sum`` + ``vector_norm`` would spend two full-size passes each on the way
+    back; ``d/dx = ds1 + dsp * p |x|^(p-1) sign(x)`` is one ``addcmul``. The backward is made of
+    differentiable ops, so double backward still works.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, p: float, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+        dims = reduce_dims(x)
+        s1 = x.sum(dims, dtype=acc)
+        norm = torch.linalg.vector_norm(x, p, dims, dtype=acc)
+        return s1, norm * norm if p == 2 else norm
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, p, _ = inputs
+        ctx.p = p
+        ctx.save_for_backward(x, output[1])
+
+    @staticmethod
+    def backward(ctx, ds1: Tensor, dsp: Tensor):
+        x, sp = ctx.saved_tensors
+        ds1 = channel_view(ds1.to(x.dtype), x)
+        if ctx.p == 2:
+            coef = 2 * dsp
+            direction = x
+        elif ctx.p == 1:
+            coef = dsp
+            direction = torch.sign(x)
+        else:
+            # Gradient of max|x| goes to the elements attaining it, shared among ties (as amax).
+            top = channel_view(sp.to(x.dtype), x)
+            direction = (x == top).to(x.dtype) - (x == -top).to(x.dtype)
+            coef = dsp / direction.abs().sum(reduce_dims(x), dtype=dsp.dtype).clamp_min(1)
+        return torch.addcmul(ds1, direction, channel_view(coef.to(x.dtype), x)), None, None
+
+
+class _ChannelAffine(torch.autograd.Function):
+    """``y = x * a + b`` with per-channel ``a``, ``b``; the backward is one fused native kernel.
+
+    ``native_batch_norm_backward`` in eval mode with zero mean and unit variance returns exactly
+    ``(g * a, sum g * x, sum g)``, the three gradients, in one kernel.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return torch.addcmul(channel_view(b, x), x, channel_view(a, x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, a, _ = inputs
+        ctx.save_for_backward(x, a)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, a = ctx.saved_tensors
+        zeros, ones = torch.zeros_like(a), torch.ones_like(a)
+        dx, da, db = torch.ops.aten.native_batch_norm_backward(
+            g.contiguous(), x, a, zeros, ones, None, None, False, 0.0, [True, True, True]
+        )
+        return dx, da, db
+
+
 class LpBatchNorm(NormLayer):
     """Per-channel normalization by the mean and the Lp norm of the uncentred activations.
 
@@ -92,6 +157,8 @@ class LpBatchNorm(NormLayer):
             )
         self.eps, self.momentum = float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        #: Use the hand-written fused backward (False: plain autograd, the reference path).
+        self.fused = True
         if self.affine:
             self.weight = torch.nn.Parameter(torch.ones(num_channels))
             self.bias = torch.nn.Parameter(torch.zeros(num_channels))
@@ -122,7 +189,10 @@ class LpBatchNorm(NormLayer):
         b = -mu * a
         if self.bias is not None:
             b = b + self.bias
-        return torch.addcmul(channel_view(b.to(x.dtype), x), x, channel_view(a.to(x.dtype), x))
+        a, b = a.to(x.dtype), b.to(x.dtype)
+        if self.fused:
+            return _ChannelAffine.apply(x, a, b)
+        return torch.addcmul(channel_view(b, x), x, channel_view(a, x))
 
     def _local_stats(self, x: Tensor) -> tuple[int, Tensor, Tensor]:
         """This process's per-channel ``count``, ``sum x`` and ``sum |x|^p`` (or ``max |x|``)."""
@@ -130,6 +200,8 @@ class LpBatchNorm(NormLayer):
         # Accumulate half-precision input in float32: sums of squares overflow float16.
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         count = x.numel() // x.shape[1]
+        if self.fused:
+            return (count, *_LocalStats.apply(x, self.p, acc))
         s1 = x.sum(dims, dtype=acc)
         if self.p == 1:
             sp = x.abs().sum(dims, dtype=acc)
