@@ -90,7 +90,7 @@ class ActivationMoments(MonitorCallback):
         num_units: int = 8,
         channel_dim: int = 1,
         seed: int = 0,
-        quantile_samples: int = 4096,
+        quantile_samples: int = 1024,
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         deltas: bool = True,
         histogram_every_n_steps: int | None = None,

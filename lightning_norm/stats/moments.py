@@ -48,26 +48,39 @@ class Moments:
     m2: Tensor
 
     @classmethod
-    def from_tensor(cls, x: Tensor, dim: int | Sequence[int] | None = None) -> Moments:
-        """The moments of ``x`` over ``dim`` (all of it by default), accumulated in float32.
+    def from_tensor(cls, x: Tensor, dim: int | None = None) -> Moments:
+        """The moments of ``x`` (all of it, or each row of a 2-d ``x`` with ``dim=1``), in float32.
+
+        Uses the shifted-data algorithm: with ``c`` the first value (of each row),
+        ``s1 = sum(x - c)``, ``s2 = sum((x - c)^2)``, ``mean = c + s1 / n`` and
+        ``m2 = s2 - s1^2 / n``. The float32 rounding then scales with the spread of ``x``, not
+        with its offset, and it is one subtraction, one sum and one dot product: several times
+        faster than ``torch.var_mean`` on CPU.
 
         Raises:
-            ValueError: ``x`` has no elements along ``dim``.
+            ValueError: ``x`` is empty, or ``dim`` is neither ``None`` nor 1 of a 2-d tensor.
         """
         x = as_accumulation_dtype(x.detach())
-        if dim is None:
-            n = x.numel()
-            var, mean = torch.var_mean(x, correction=0)
-        else:
-            dims = (dim,) if isinstance(dim, int) else tuple(dim)
-            n = 1
-            for d in dims:
-                n *= x.shape[d]
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
-        if n == 0:
+        if x.numel() == 0:
             raise ValueError("Cannot compute moments of an empty tensor; pass a non-empty batch.")
-        count = torch.full_like(mean, float(n))
-        return cls(count, mean, var * n)
+        if dim is None:
+            flat = x.reshape(-1)
+            c = flat[0]
+            y = flat - c
+            n = flat.numel()
+            s1, s2 = y.sum(), torch.dot(y, y)
+        elif dim in (1, -1) and x.dim() == 2:
+            c = x[:, 0]
+            y = x - c[:, None]
+            n = x.shape[1]
+            s1, s2 = y.sum(1), (y * y).sum(1)
+        else:
+            raise ValueError(
+                f"`dim` must be None (all values) or 1 (rows of a 2-d tensor), got {dim!r} for "
+                f"a tensor of shape {tuple(x.shape)}; reshape to (groups, values) first."
+            )
+        count = torch.full_like(s1, float(n))
+        return cls(count, c + s1 / n, s2 - s1 * s1 / n)
 
     @classmethod
     def empty(cls, shape: Sequence[int] = (), device: torch.device | str | None = None) -> Moments:

@@ -33,12 +33,12 @@ class Subsampler:
 
     Example::
 
-        sub = Subsampler(4096)
-        values = sub.flat(activation)  # (4096,), exact values if activation.numel() <= 4096
+        sub = Subsampler(1024)
+        values = sub.flat(activation)  # (1024,), exact values if activation.numel() <= 1024
         percentiles(values)            # p15, p50, p85
     """
 
-    def __init__(self, size: int = 4096, seed: int = 0) -> None:
+    def __init__(self, size: int = 1024, seed: int = 0) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"`size` must be a positive integer, got {size!r}.")
         self.size = size
