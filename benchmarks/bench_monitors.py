@@ -33,16 +33,16 @@ import warnings
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-import lightning as L  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_norm.callbacks import ActivationMoments, GradientNorms  # noqa: E402
-from lightning_norm.models import VGGLike  # noqa: E402
-from lightning_norm.selection import LayerSelection  # noqa: E402
+from lightning_norm.callbacks import ActivationMoments, GradientNorms
+from lightning_norm.models import VGGLike
+from lightning_norm.selection import LayerSelection
 
 
 class MemoryLogger(Logger):
