@@ -1,0 +1,111 @@
+"""Forward+backward time of each lightning_norm layer relative to ``nn.BatchNorm2d``.
+
+Runs every layer side by side on one input (default ``(64, 64, 32, 32)``, float32, training
+mode), interleaving the layers round by round so load changes on a shared machine hit them all
+alike, and prints the median time of each and its ratio to BatchNorm2d, in eager mode and (where
+it works on this machine) under ``torch.compile``.
+
+Usage::
+
+    python benchmarks/bench_layers.py [--shape 64 64 32 32] [--rounds 15] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from lightning_norm.layers import create_norm
+
+LAYERS = [
+    "batchnorm",
+    "noisy_bn",
+    "lp1",
+    "lp2",
+    "lpinf",
+    "layernorm",
+    "layernorm_cf",
+    "groupnorm",
+    "instancenorm",
+    "frozen_bn",
+]
+
+
+def build(shape: tuple[int, ...]) -> dict[str, nn.Module]:
+    c = shape[1]
+    out = {"BatchNorm2d": nn.BatchNorm2d(c)}
+    src = nn.BatchNorm2d(c)
+    for name in LAYERS:
+        out[name] = create_norm(name, c, source=src).train()
+    return out
+
+
+def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    x.grad = None
+    y = module(x)
+    if y.requires_grad:
+        y.backward(grad)
+
+
+def run(modules: dict[str, nn.Module], shape, rounds: int, warmup: int = 3) -> dict[str, float]:
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    for m in modules.values():
+        for _ in range(warmup):
+            step(m, x, grad)
+    times: dict[str, list[float]] = {k: [] for k in modules}
+    for _ in range(rounds):
+        for name, m in modules.items():
+            t0 = time.perf_counter()
+            step(m, x, grad)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report(title: str, med: dict[str, float]) -> None:
+    base = med["BatchNorm2d"]
+    print(f"\n{title}")
+    print(f"{'layer':<16}{'ms':>10}{'x BatchNorm2d':>16}")
+    for name, t in med.items():
+        print(f"{name:<16}{t * 1e3:>10.2f}{t / base:>16.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs="+", default=[64, 64, 32, 32])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    shape = tuple(args.shape)
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, input {shape} float32, train mode, fwd+bwd"
+    )
+    modules = build(shape)
+    report("eager", run(modules, shape, args.rounds))
+    if args.no_compile:
+        return
+    compiled = {}
+    for name, m in modules.items():
+        try:
+            cm = torch.compile(m)
+            step(cm, torch.randn(shape, requires_grad=True), torch.randn(shape))
+            compiled[name] = cm
+        except Exception as exc:
+            print(
+                f"torch.compile unavailable for {name}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:120]}"
+            )
+            if name == "BatchNorm2d":
+                return
+    report("torch.compile", run(compiled, shape, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
