@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 
 from lightning_norm.errors import ConfigurationError
@@ -195,8 +196,9 @@ def make_replay(
 def check_probe_support(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
     """Refuse setups a step replay cannot reproduce; call from ``setup`` and ``on_fit_start``.
 
-    Refused: manual optimization, gradient accumulation, sharded strategies (FSDP, DeepSpeed,
-    model parallel, XLA) and, once the optimizers exist (``on_fit_start``), several optimizers.
+    Refused: manual optimization, gradient accumulation, a ``training_step`` taking
+    ``dataloader_iter``, sharded strategies (FSDP, DeepSpeed, model parallel, XLA) and, once the
+    optimizers exist (``on_fit_start``), several optimizers.
 
     Raises:
         ConfigurationError: with the setting to change.
@@ -212,6 +214,11 @@ def check_probe_support(trainer: pl.Trainer, pl_module: pl.LightningModule, who:
             f"{who} replays one batch per optimizer step, but `accumulate_grad_batches="
             f"{trainer.accumulate_grad_batches}` spreads a step over several batches. Use "
             f"`Trainer(accumulate_grad_batches=1)` (a larger batch size instead) while probing."
+        )
+    if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+        raise ConfigurationError(
+            f"{who} replays the batch `training_step` received, but this `training_step` takes "
+            "`dataloader_iter` and fetches its own batches. Use `training_step(batch, batch_idx)`."
         )
     strategy = type(trainer.strategy).__name__
     if any(s in strategy for s in _SHARDED_STRATEGIES):
