@@ -1,0 +1,321 @@
+"""Train the S18 comparisons with lightning_norm's callbacks attached; used by the CLI.
+
+:func:`run_comparison` trains one setup (``"vgg"`` or ``"dln"``) once per normalization variant,
+each variant a separate Lightning fit from the same seed, logging to
+``<logdir>/<setup>/<variant>/`` (TensorBoard) and, with ``wandb=True``, to an offline W&B run in
+``<logdir>/wandb`` grouped by setup (``group="<setup>"``, run name = variant). Attached to every
+fit (when installed):
+
+- :class:`~lightning_norm.callbacks.ActivationMoments` on the normalization slots (the outputs of
+  the original BN positions, so every variant is measured at the same place; for ``"none"`` that
+  is the convolution's output), every ``monitor_every`` steps;
+- :class:`~lightning_norm.callbacks.GradientNorms` every ``monitor_every`` steps;
+- :class:`~lightning_norm.callbacks.ICSDrift` on the Conv/Linear layers and
+  :class:`~lightning_norm.callbacks.LossLandscape` (S18's step range: [1/2, 4] x lr for VGG,
+  [1/100, 30] x lr for the DLN), every ``probe_every`` steps.
+
+A callback that is not available in the installed version is left out with a warning; the report
+then says which figures lack data.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_norm.errors import ConfigurationError
+from lightning_norm.experiments.data import CIFAR10DataModule, DigitsDataModule, DLNDataModule
+from lightning_norm.experiments.modules import (
+    DLN_VARIANTS,
+    VGG_VARIANTS,
+    DLNRegression,
+    S18Classifier,
+)
+
+log = logging.getLogger(__name__)
+
+SETUPS = ("vgg", "dln")
+DATASETS = ("digits", "cifar10")
+
+
+@dataclass
+class ReproduceConfig:
+    """Settings of one S18 comparison (one setup, several variants).
+
+    Args:
+        setup: ``"vgg"`` (VGG-like convnet, classification) or ``"dln"`` (deep linear network).
+        variants: normalizations to compare; default :data:`VGG_VARIANTS` / :data:`DLN_VARIANTS`.
+        steps: optimizer steps per variant (S18: 15,000 for VGG, 10,000 for the DLN).
+        lr: SGD learning rate (S18: 0.1 for VGG; for the DLN see :class:`DLNRegression`).
+        batch_size: training batch (S18: 128; the DLN always uses the full batch).
+        dataset: ``"digits"`` (embedded default) or ``"cifar10"`` (torchvision).
+        data_dir: CIFAR-10 folder.
+        download: allow downloading CIFAR-10.
+        arch: VGG configuration (``"vgg_tiny"``, ``"vgg_small"``, ``"vgg11"`` or a list).
+        width: VGG width multiplier.
+        image_size: digits image side (8 native; larger upsamples, for deeper configs).
+        depth: DLN depth (S18: 25).
+        monitor_every: ActivationMoments / GradientNorms interval in steps.
+        probe_every: ICSDrift / LossLandscape interval; default ``max(1, steps // 25)``.
+        val_every: validation interval in steps (VGG only); default ``max(1, steps // 10)``.
+        logdir: root of the logs.
+        seed: seeds the model, the data order and the probes.
+        wandb: also log to an offline W&B run.
+        accelerator / devices: passed to the Trainer.
+        progress: show Lightning's progress bar.
+        monitors: attach the measurement callbacks (off: train only).
+        num_workers: DataLoader workers for CIFAR-10.
+        threads: torch intra-op threads during the fits (restored afterwards). Default: 1 for
+            the digits and DLN setups, whose tensors are too small to gain from more (and where
+            2 spinning threads on a busy 2-core machine made steps ~8x slower, measured), else
+            torch's default.
+        extra_callbacks: more callbacks for every fit.
+    """
+
+    setup: str = "vgg"
+    variants: Sequence[str] | None = None
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int = 128
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    arch: str | list[int | str] = "vgg_tiny"
+    width: float = 1.0
+    image_size: int = 8
+    depth: int = 25
+    monitor_every: int = 1
+    probe_every: int | None = None
+    val_every: int | None = None
+    logdir: str = "runs/s18"
+    seed: int = 0
+    wandb: bool = False
+    accelerator: str = "auto"
+    devices: int | str = 1
+    progress: bool = True
+    monitors: bool = True
+    num_workers: int = 2
+    threads: int | None = None
+    extra_callbacks: list[Any] = field(default_factory=list)
+
+    def resolved(self) -> ReproduceConfig:
+        """A copy with every default filled in and every setting checked.
+
+        Raises:
+            ConfigurationError: an unknown setup, dataset or variant, or a non-positive number.
+        """
+        if self.setup not in SETUPS:
+            raise ConfigurationError(f"Unknown setup {self.setup!r}; choose from {SETUPS}.")
+        if self.dataset not in DATASETS:
+            raise ConfigurationError(f"Unknown dataset {self.dataset!r}; choose from {DATASETS}.")
+        vgg = self.setup == "vgg"
+        steps = self.steps if self.steps is not None else (400 if vgg else 1000)
+        lr = self.lr if self.lr is not None else (0.1 if vgg else 1e-3)
+        variants = tuple(self.variants or (VGG_VARIANTS if vgg else DLN_VARIANTS))
+        for name, value in (
+            ("steps", steps),
+            ("batch_size", self.batch_size),
+            ("monitor_every", self.monitor_every),
+        ):
+            if value < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {value}.")
+        if lr <= 0:
+            raise ConfigurationError(f"lr must be > 0, got {lr}.")
+        from lightning_norm.layers import available_norms
+
+        known = set(available_norms())
+        unknown = [v for v in variants if v not in known]
+        if unknown:
+            raise ConfigurationError(f"Unknown variant(s) {unknown}; choose from {sorted(known)}.")
+        if len(set(variants)) != len(variants):
+            raise ConfigurationError(f"Variants repeat: {list(variants)}.")
+        return replace(
+            self,
+            steps=steps,
+            lr=lr,
+            variants=variants,
+            probe_every=self.probe_every or max(1, steps // 25),
+            val_every=self.val_every or max(1, steps // 10),
+        )
+
+
+def _optional_callback(name: str, **kwargs: Any) -> L.Callback | None:
+    """``lightning_norm.callbacks.<name>(**kwargs)``, or ``None`` with a warning if unavailable."""
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module("lightning_norm.callbacks"), name)
+    except (ImportError, AttributeError) as err:
+        warnings.warn(
+            f"lightning_norm.callbacks.{name} is not available ({err}); its figures will be "
+            "missing from the report.",
+            stacklevel=3,
+        )
+        return None
+    return cls(**kwargs)
+
+
+def monitor_callbacks(cfg: ReproduceConfig, module: L.LightningModule) -> list[L.Callback]:
+    """The measurement callbacks for one fit of ``module`` (see the module docstring)."""
+    from lightning_norm.selection import LayerSelection
+
+    # outermost=False: with types=(nn.Module,) the root itself matches and would hide the slots
+    slots = LayerSelection(types=(nn.Module,), include=list(module.norm_slots), outermost=False)
+    weights = LayerSelection(types=(nn.Conv2d, nn.Linear))
+    vgg = cfg.setup == "vgg"
+    callbacks = [
+        _optional_callback(
+            "ActivationMoments",
+            layers=slots,
+            every_n_steps=cfg.monitor_every,
+            num_units=4,
+            seed=cfg.seed,
+        ),
+        _optional_callback("GradientNorms", every_n_steps=cfg.monitor_every),
+        _optional_callback("ICSDrift", layers=weights, every_n_steps=cfg.probe_every),
+        _optional_callback(
+            "LossLandscape",
+            every_n_steps=cfg.probe_every,
+            eta_range=(0.5, 4.0) if vgg else (0.01, 30.0),
+            spacing="linear" if vgg else "log",
+        ),
+    ]
+    return [c for c in callbacks if c is not None]
+
+
+def _datamodule(cfg: ReproduceConfig) -> L.LightningDataModule:
+    if cfg.setup == "dln":
+        return DLNDataModule(seed=cfg.seed)
+    if cfg.dataset == "cifar10":
+        return CIFAR10DataModule(
+            cfg.data_dir, cfg.download, cfg.batch_size, cfg.num_workers, cfg.seed
+        )
+    return DigitsDataModule(cfg.batch_size, size=cfg.image_size, seed=cfg.seed)
+
+
+def _module(cfg: ReproduceConfig, variant: str, dm: L.LightningDataModule) -> L.LightningModule:
+    if cfg.setup == "dln":
+        return DLNRegression(norm=variant, depth=cfg.depth, lr=cfg.lr)
+    return S18Classifier(
+        norm=variant,
+        arch=cfg.arch,
+        width=cfg.width,
+        num_classes=dm.num_classes,
+        in_channels=dm.in_channels,
+        lr=cfg.lr,
+    )
+
+
+def _loggers(cfg: ReproduceConfig, variant: str) -> list[Any]:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    run_dir = Path(cfg.logdir) / cfg.setup / variant
+    if run_dir.is_dir() and any(run_dir.glob("events.out.tfevents.*")):
+        # a previous reproduce run of this variant: replace it rather than mixing two runs
+        shutil.rmtree(run_dir)
+    loggers: list[Any] = [
+        TensorBoardLogger(cfg.logdir, name=cfg.setup, version=variant, default_hp_metric=False)
+    ]
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+            from lightning.pytorch.loggers import WandbLogger
+        except ImportError as err:
+            raise ConfigurationError(
+                "--wandb needs wandb: `pip install 'lightning_norm[wandb]'`."
+            ) from err
+        loggers.append(
+            WandbLogger(
+                name=variant,
+                save_dir=cfg.logdir,
+                offline=True,
+                project="lightning_norm-s18",
+                group=cfg.setup,
+                job_type=cfg.setup,
+                config={"norm": variant, "setup": cfg.setup},
+            )
+        )
+    return loggers
+
+
+@dataclass
+class VariantResult:
+    """One finished fit: where it logged and how long it took (seconds, wall clock)."""
+
+    setup: str
+    variant: str
+    log_dir: str
+    seconds: float
+
+
+def run_comparison(cfg: ReproduceConfig) -> list[VariantResult]:
+    """Train every variant of ``cfg.setup`` and return where each logged.
+
+    Raises:
+        ConfigurationError: bad settings (see :meth:`ReproduceConfig.resolved`), CIFAR-10 or
+            wandb requested but unavailable.
+
+    Example::
+
+        run_comparison(ReproduceConfig(setup="vgg", variants=["none", "batchnorm"], steps=50))
+    """
+    cfg = cfg.resolved()
+    threads = cfg.threads
+    if threads is None and (cfg.setup == "dln" or cfg.dataset == "digits"):
+        threads = 1
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(cfg: ReproduceConfig) -> list[VariantResult]:
+    results = []
+    for i, variant in enumerate(cfg.variants):
+        print(
+            f"[{cfg.setup} {i + 1}/{len(cfg.variants)}] {variant}: {cfg.steps} steps, "
+            f"lr {cfg.lr:g}",
+            flush=True,
+        )
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        dm = _datamodule(cfg)
+        module = _module(cfg, variant, dm)
+        loggers = _loggers(cfg, variant)
+        callbacks = monitor_callbacks(cfg, module) if cfg.monitors else []
+        trainer = L.Trainer(
+            max_steps=cfg.steps,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            logger=loggers,
+            callbacks=[*callbacks, *cfg.extra_callbacks],
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=cfg.progress,
+            num_sanity_val_steps=0,
+            val_check_interval=cfg.val_every if cfg.setup == "vgg" else None,
+            check_val_every_n_epoch=None if cfg.setup == "vgg" else 1,
+            limit_val_batches=None if cfg.setup == "vgg" else 0,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        seconds = time.perf_counter() - start
+        for lg in loggers:
+            if type(lg).__name__ == "WandbLogger":
+                lg.experiment.finish()
+        results.append(VariantResult(cfg.setup, variant, loggers[0].log_dir, seconds))
+        print(f"[{cfg.setup} {i + 1}/{len(cfg.variants)}] {variant} done in {seconds:.1f}s")
+    return results
