@@ -104,7 +104,11 @@ def layers_with(runs: Sequence[Run], group: str, metric: str) -> list[str]:
             per_run.append(found)
     if not per_run:
         return []
-    return sorted(set.intersection(*per_run), key=_natural_key)
+    # heads without an index (``classifier``) run last in S18's nets, so they sort last
+    return sorted(
+        set.intersection(*per_run),
+        key=lambda n: (not any(c.isdigit() for c in n), _natural_key(n)),
+    )
 
 
 def _natural_key(name: str) -> list[Any]:
