@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--devices", type=_devices, default=1, help="Trainer devices")
     rep.add_argument("--num-workers", type=int, default=2, help="CIFAR-10 DataLoader workers")
     rep.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 for digits/DLN, torch's default otherwise)",
+    )
+    rep.add_argument(
         "--no-monitors", action="store_true", help="train only, without the measurement callbacks"
     )
     rep.add_argument("--no-report", action="store_true", help="skip writing the report")
