@@ -81,6 +81,14 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
+def _logy(ax: Any) -> None:
+    """Log y-axis when the drawn data allow it (a series of zeros stays linear, no warning)."""
+    ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.lines]
+    ys += [np.asarray(c.get_paths()[0].vertices[:, 1]) for c in ax.collections if c.get_paths()]
+    if any((y[np.isfinite(y)] > 0).any() for y in ys if len(y)):
+        ax.set_yscale("log")
+
+
 def _window(steps: np.ndarray) -> int:
     return max(1, len(steps) // 40)
 
@@ -178,7 +186,7 @@ def fig_training(runs: Sequence[Run], group: str) -> Figure:
         ax.set_xlabel("step")
         ax.set_title(name)
         if logy:
-            ax.set_yscale("log")
+            _logy(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{group}: {title}", fontsize=10)
@@ -289,7 +297,7 @@ def fig_ics(runs: Sequence[Run], group: str) -> Figure:
                     )
             ax.set_title(f"{layer}: {'‖G−G′‖₂' if metric == 'l2' else 'cos(G, G′)'}", fontsize=9)
             if metric == "l2":
-                ax.set_yscale("log")
+                _logy(ax)
             ax.grid(alpha=0.3)
             ax.set_xlabel("step", fontsize=8)
     axes[0][0].legend(fontsize=7)
@@ -376,7 +384,7 @@ def fig_landscape(runs: Sequence[Run], group: str) -> Figure:
         ax.set_xlabel("η" if name.startswith("loss along") else "step", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in axes[:3]:
-        ax.set_yscale("log")
+        _logy(ax)
     axes[0].legend(fontsize=7)
     if axes[3].lines:
         axes[3].legend(fontsize=6)
@@ -431,7 +439,7 @@ def fig_lp(runs: Sequence[Run], group: str) -> Figure:
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         if tag.endswith("loss"):
-            ax.set_yscale("log")
+            _logy(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{group}: {title}", fontsize=10)
@@ -474,7 +482,7 @@ def fig_moments(runs: Sequence[Run], group: str) -> Figure:
                         s, smooth(v, _window(s)), color=colour(run, runs), label=label(run), lw=1.2
                     )
             ax.set_title(f"{layer}: {metric}", fontsize=9)
-            ax.set_yscale("log")
+            _logy(ax)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
