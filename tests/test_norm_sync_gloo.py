@@ -79,16 +79,24 @@ def _check_noisy_unit_params_shared(rank: int, world: int) -> None:
     with torch.no_grad():
         layer.bn.weight.zero_()  # BN output 0: the layer returns the shift m exactly
     m = synced(layer)(torch.randn(shape, dtype=torch.float64))
-    # Reproduce: rank 0's unit draws (broadcast), this rank's per-sample draws.
+    # Reproduce: rank 0's unit draws (broadcast), then this rank's private per-sample stream.
     g0 = torch.Generator().manual_seed(100)
     mu0 = torch.rand(2, c, generator=g0, dtype=torch.float64)[0] * 1.0 - 0.5
     g = torch.Generator().manual_seed(100 + rank)
     torch.rand(2, c, generator=g, dtype=torch.float64)  # drawn, then replaced by the broadcast
-    expected = torch.empty(shape, dtype=torch.float64).uniform_(-0.1, 0.1, generator=g)
+    own = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)) + rank)
+    expected = torch.empty(shape, dtype=torch.float64).uniform_(-0.1, 0.1, generator=own)
     torch.testing.assert_close(m, expected + mu0.view(1, c, 1, 1), rtol=0, atol=1e-15)
-    others = [torch.empty_like(m) for _ in range(world)]
-    dist.all_gather(others, m.contiguous())
-    assert not torch.equal(others[0], others[1])  # per-sample noise is each rank's own
+    # Ranks seeded alike (seed_everything) still draw different per-sample noise.
+    same = synced(NoisyBatchNorm(c, generator=torch.Generator().manual_seed(7)).double())
+    with torch.no_grad():
+        same.bn.weight.zero_()
+    m = same(torch.randn(shape, dtype=torch.float64))
+    gathered = [torch.empty_like(m) for _ in range(world)]
+    dist.all_gather(gathered, m.contiguous())
+    assert not torch.equal(gathered[0], gathered[1])
+    unit_means = [t.transpose(0, 1).reshape(c, -1).mean(1) for t in gathered]
+    torch.testing.assert_close(unit_means[0], unit_means[1], rtol=0, atol=0.1)  # same mu_j
 
 
 def _worker(rank: int, world: int, init_file: str) -> None:

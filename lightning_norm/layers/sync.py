@@ -120,11 +120,12 @@ class SyncNoisyBatchNorm(NoisyBatchNorm):
 
     Each training step, ``mu_j`` and ``sigma_j`` (``2 * C`` numbers) are broadcast from the
     group's first rank, so every rank injects noise from the same unit-level distribution, as a
-    single process on the global batch would; the per-sample draws ``m_ij``, ``s_ij`` stay local
-    (each rank draws for its own samples). Every rank still draws its own ``mu_j``, ``sigma_j``
-    before the broadcast overwrites them, so random streams advance exactly as without sync.
-    Convert ``self.bn`` to ``SyncBatchNorm`` to synchronize the batch statistics too
-    (``NormSync`` does both).
+    single process on the global batch would. The per-sample draws ``m_ij``, ``s_ij`` are each
+    rank's own: they come from a rank-private generator seeded, at the first synchronized step,
+    with one number drawn from the layer's generator (or the global RNG) plus the rank. Ranks
+    seeded alike (``seed_everything``) would otherwise draw identical per-sample noise for
+    different samples. Convert ``self.bn`` to ``SyncBatchNorm`` to synchronize the batch
+    statistics too (``NormSync`` does both).
 
     Args:
         Those of :class:`~lightning_norm.layers.NoisyBatchNorm`, and
@@ -136,6 +137,8 @@ class SyncNoisyBatchNorm(NoisyBatchNorm):
     """
 
     process_group = None
+    #: Attributes this class adds at run time; ``NormSync.revert`` removes them.
+    sync_attributes = ("_rank_generator",)
 
     def __init__(self, *args, process_group=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -150,6 +153,22 @@ class SyncNoisyBatchNorm(NoisyBatchNorm):
         src = 0 if group is None else dist.get_global_rank(group, 0)
         dist.broadcast(both, src=src, group=group)
         return both[0], both[1]
+
+    def _sample_noise(self, a: Tensor, mu: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        active, group = _active_group(self)
+        if not active:
+            return super()._sample_noise(a, mu, sigma)
+        gen = self.__dict__.get("_rank_generator")
+        if gen is None or gen.device.type != a.device.type:
+            base = torch.randint(0, 2**62, (1,), generator=self.generator, device=a.device)
+            gen = torch.Generator(device=a.device)
+            gen.manual_seed(int(base) + dist.get_rank(group))
+            self.__dict__["_rank_generator"] = gen
+        shared, self.generator = self.generator, gen
+        try:
+            return super()._sample_noise(a, mu, sigma)
+        finally:
+            self.generator = shared
 
 
 #: Our layer classes and their synchronized versions (``NormSync`` swaps ``__class__``).

@@ -107,6 +107,8 @@ class NormSync(LayerSync):
             if record is None:
                 continue
             cls, had_group, group = record
+            for attr in getattr(type(module), "sync_attributes", ()):
+                module.__dict__.pop(attr, None)
             module.__class__ = cls
             if had_group:
                 module.process_group = group
