@@ -286,9 +286,7 @@ def _name_key(name: str) -> str:
 
 def _check_not_compiled(model: nn.Module, bn_names: Sequence[str]) -> None:
     """Refuse models whose forward no longer reads the Python module tree."""
-    kinds: list[tuple[type, str]] = []
-    kinds.append((torch.jit.ScriptModule, "TorchScript"))
-    kinds.append((torch.fx.GraphModule, "FX GraphModule"))
+    kinds: list[tuple[type, str]] = [(torch.fx.GraphModule, "FX GraphModule")]
     # torch._dynamo is expensive to import; if it is not imported, nothing was compiled.
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     if eval_frame is not None and hasattr(eval_frame, "OptimizedModule"):
