@@ -65,10 +65,15 @@ class _LocalStats(torch.autograd.Function):
             coef = dsp
             direction = torch.sign(x)
         else:
-            # Gradient of max|x| goes to the elements attaining it, shared among ties (as amax).
+            # The gradient of max|x| goes to the few elements attaining it, shared among ties
+            # (as amax): a dense broadcast of ds1 plus a scatter at those elements only.
             top = channel_view(sp.to(x.dtype), x)
-            direction = (x == top).to(x.dtype) - (x == -top).to(x.dtype)
-            coef = dsp / direction.abs().sum(reduce_dims(x), dtype=dsp.dtype).clamp_min(1)
+            where = (x.abs() == top).nonzero(as_tuple=True)
+            channel = where[1]
+            ties = torch.bincount(channel, minlength=x.shape[1]).clamp_min(1).to(dsp.dtype)
+            coef = (dsp / ties).to(x.dtype)[channel] * torch.sign(x[where])
+            dx = ds1.expand_as(x).clone(memory_format=torch.contiguous_format)
+            return dx.index_put(where, coef, accumulate=True), None, None
         return torch.addcmul(ds1, direction, channel_view(coef.to(x.dtype), x)), None, None
 
 
