@@ -400,6 +400,16 @@ def test_device_is_carried(registry):
     assert {t.device.type for t in model.parameters()} == {"meta"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("to", ["lp1", "noisy_bn", "groupnorm"])
+def test_cuda_model_stays_on_cuda(registry, to):
+    model = randomize_bn_(ResNetLike()).cuda()
+    report = swap_norms(model, to, exclude="head.*")
+    assert {t.device.type for t in model.state_dict().values()} == {"cuda"}
+    assert len(report) == 6
+    assert torch.isfinite(model(images().cuda())).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # include / exclude / dry_run
 # ---------------------------------------------------------------------------------------------
