@@ -2,8 +2,9 @@
 
 Runs every layer side by side on one input (default ``(64, 64, 32, 32)``, float32, training
 mode), interleaving the layers round by round so load changes on a shared machine hit them all
-alike, and prints the median time of each and its ratio to BatchNorm2d, in eager mode and (where
-it works on this machine) under ``torch.compile``.
+alike, and prints the fastest and the median time of each and their ratios to BatchNorm2d (the
+fastest round is the least disturbed by other processes), in eager mode and (where it works on
+this machine) under ``torch.compile``.
 
 Usage::
 
@@ -52,7 +53,9 @@ def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
         y.backward(grad)
 
 
-def run(modules: dict[str, nn.Module], shape, rounds: int, warmup: int = 3) -> dict[str, float]:
+def run(
+    modules: dict[str, nn.Module], shape, rounds: int, warmup: int = 3
+) -> dict[str, list[float]]:
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
     for m in modules.values():
@@ -64,15 +67,19 @@ def run(modules: dict[str, nn.Module], shape, rounds: int, warmup: int = 3) -> d
             t0 = time.perf_counter()
             step(m, x, grad)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
-def report(title: str, med: dict[str, float]) -> None:
-    base = med["BatchNorm2d"]
+def report(title: str, times: dict[str, list[float]]) -> None:
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{title}")
-    print(f"{'layer':<16}{'ms':>10}{'x BatchNorm2d':>16}")
-    for name, t in med.items():
-        print(f"{name:<16}{t * 1e3:>10.2f}{t / base:>16.2f}")
+    print(f"{'layer':<16}{'min ms':>10}{'x BN2d':>9}{'median ms':>12}{'x BN2d':>9}")
+    for name in times:
+        print(
+            f"{name:<16}{best[name] * 1e3:>10.2f}{best[name] / best['BatchNorm2d']:>9.2f}"
+            f"{med[name] * 1e3:>12.2f}{med[name] / med['BatchNorm2d']:>9.2f}"
+        )
 
 
 def main() -> None:

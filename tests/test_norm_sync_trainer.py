@@ -66,6 +66,32 @@ def test_trainer_accepts_the_plugin():
     assert trainer.strategy._layer_sync is plugin
 
 
+def test_lightning_cli_builds_the_plugin_from_class_path():
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(
+        Classifier,
+        run=False,
+        save_config_callback=None,
+        args={
+            "trainer": {
+                "accelerator": "cpu",
+                "devices": 1,
+                "strategy": "ddp",
+                "logger": False,
+                "plugins": [
+                    {
+                        "class_path": "lightning_norm.plugins.NormSync",
+                        "init_args": {"batchnorm": False},
+                    }
+                ],
+            }
+        },
+    )
+    plugin = cli.trainer.strategy._layer_sync
+    assert isinstance(plugin, NormSync) and plugin.batchnorm is False
+
+
 @needs_surgery
 @pytest.mark.ddp
 def test_norm_surgery_then_plugin_and_checkpoint_resume(tmp_path, no_process_group_left):
