@@ -175,3 +175,12 @@ def test_load_from_batchnorm_and_errors():
         cuda_gen = NoisyBatchNorm(3, generator=torch.Generator(device="cuda"))
         with pytest.raises(ConfigurationError, match="Create it there"):
             cuda_gen(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 4, 4)])
+def test_without_affine_eval_is_plain_normalization(shape):
+    layer = NoisyBatchNorm(3, affine=False, track_running_stats=False).eval()
+    x = torch.randn(shape)
+    assert layer.bn.weight is None
+    ref = nn.functional.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)

@@ -48,7 +48,9 @@ def test_apply_converts_in_place_and_revert_restores_classes():
     assert type(model[3]) is SyncLpBatchNorm
     model(torch.randn(2, 3, 5, 5))  # no process group: behaves as the unsynchronized layers
     assert hook_calls == [1, 1]  # shared module called twice, hook still attached
+    model[2].__dict__["_rank_generator"] = torch.Generator()  # as after a synchronized step
     plugin.revert(model)
+    assert "_rank_generator" not in model[2].__dict__
     assert [type(m) for m in model.modules()] == [type(m) for m in mixed_model().modules()]
     assert type(model[2].bn) is BatchNorm and model[1].qconfig == "kept"
     assert not any("process_group" in m.__dict__ for m in model.modules())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -55,18 +56,24 @@ def ddp_in_process(**kwargs):
 
 @pytest.fixture
 def no_process_group_left():
+    """In-process DDP leaves a process group and launcher variables (LOCAL_RANK, WORLD_SIZE,
+    MASTER_PORT, ...) in this process; later Trainers would think they were launched by
+    torchrun. Restore both."""
+    env = dict(os.environ)
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
 
 
-def test_trainer_accepts_the_plugin():
+def test_trainer_accepts_the_plugin(no_process_group_left):
     plugin = NormSync()
     trainer = cpu_trainer(strategy="ddp", devices=1, plugins=[plugin])
     assert trainer.strategy._layer_sync is plugin
 
 
-def test_lightning_cli_builds_the_plugin_from_class_path():
+def test_lightning_cli_builds_the_plugin_from_class_path(no_process_group_left):
     from lightning.pytorch.cli import LightningCLI
 
     cli = LightningCLI(
