@@ -90,7 +90,8 @@ class NoisyBatchNorm(NormLayer):
             return a
         mu, sigma = self._unit_params(a)
         m, s = self._sample_noise(a, mu, sigma)
-        return torch.addcmul(m, s, a)
+        # In place into the fresh noise buffer: one full-size allocation fewer per step.
+        return m.addcmul_(s, a)
 
     def _unit_params(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """Per-unit ``mu_j ~ U(-n_mu, n_mu)`` and ``sigma_j ~ U(1, n_sigma)``, each ``(C,)``."""
