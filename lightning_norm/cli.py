@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads (default: 1 for digits/DLN, torch's default otherwise)",
     )
     rep.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="fits run at once in separate processes (default: 2 on a CPU-only machine with "
+        ">= 2 cores, 1 with a GPU)",
+    )
+    rep.add_argument(
+        "--hessian",
+        action="store_true",
+        help="also log the top Hessian eigenvalue at each landscape probe (slower)",
+    )
+    rep.add_argument(
         "--no-monitors", action="store_true", help="train only, without the measurement callbacks"
     )
     rep.add_argument("--no-report", action="store_true", help="skip writing the report")
@@ -142,7 +154,7 @@ def _report(logdir: str, out: str | None) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from lightning_norm.experiments.runner import ReproduceConfig, run_comparison
+    from lightning_norm.experiments.runner import ReproduceConfig, default_jobs, run_many
 
     start = time.perf_counter()
     configs = []
@@ -173,10 +185,10 @@ def _reproduce(args: argparse.Namespace) -> int:
                 monitors=not args.no_monitors,
                 num_workers=args.num_workers,
                 threads=args.threads,
+                hessian=args.hessian,
             ).resolved()  # check every setup before the first one trains
         )
-    for cfg in configs:
-        run_comparison(cfg)
+    run_many(configs, jobs=args.jobs or default_jobs())
     print(f"trained in {time.perf_counter() - start:.0f}s; logs in {args.logdir}")
     if args.no_report:
         return 0

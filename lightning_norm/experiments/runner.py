@@ -20,7 +20,9 @@ then says which figures lack data.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -79,6 +81,8 @@ class ReproduceConfig:
             the digits and DLN setups, whose tensors are too small to gain from more (and where
             2 spinning threads on a busy 2-core machine made steps ~8x slower, measured), else
             torch's default.
+        hessian: also log the top Hessian eigenvalue at each landscape probe (beyond S18;
+            off by default: 20 Hessian-vector products per probe cost more than the rest).
         extra_callbacks: more callbacks for every fit.
     """
 
@@ -106,6 +110,7 @@ class ReproduceConfig:
     monitors: bool = True
     num_workers: int = 2
     threads: int | None = None
+    hessian: bool = False
     extra_callbacks: list[Any] = field(default_factory=list)
 
     def resolved(self) -> ReproduceConfig:
@@ -188,6 +193,7 @@ def monitor_callbacks(cfg: ReproduceConfig, module: L.LightningModule) -> list[L
             every_n_steps=cfg.probe_every,
             eta_range=(0.5, 4.0) if vgg else (0.01, 30.0),
             spacing="linear" if vgg else "log",
+            hessian=cfg.hessian,
         ),
     ]
     return [c for c in callbacks if c is not None]
@@ -258,8 +264,12 @@ class VariantResult:
     seconds: float
 
 
-def run_comparison(cfg: ReproduceConfig) -> list[VariantResult]:
+def run_comparison(cfg: ReproduceConfig, jobs: int = 1) -> list[VariantResult]:
     """Train every variant of ``cfg.setup`` and return where each logged.
+
+    Args:
+        cfg: the comparison.
+        jobs: fits run at once, each in its own process (see :func:`run_many`).
 
     Raises:
         ConfigurationError: bad settings (see :meth:`ReproduceConfig.resolved`), CIFAR-10 or
@@ -269,7 +279,100 @@ def run_comparison(cfg: ReproduceConfig) -> list[VariantResult]:
 
         run_comparison(ReproduceConfig(setup="vgg", variants=["none", "batchnorm"], steps=50))
     """
-    cfg = cfg.resolved()
+    return run_many([cfg], jobs=jobs)
+
+
+def default_jobs() -> int:
+    """Fits to run at once by default: 2 on a CPU-only machine with >= 2 cores, else 1.
+
+    The S18 default nets are small enough that one thread per fit is fastest, so two fits side
+    by side use a 2-core machine fully; on a GPU one fit at a time keeps timings comparable.
+    """
+    if torch.cuda.is_available():
+        return 1
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def run_many(configs: Sequence[ReproduceConfig], jobs: int = 1) -> list[VariantResult]:
+    """Train every variant of every config; ``jobs > 1`` runs that many fits at once.
+
+    Each fit seeds itself (``cfg.seed``), so the logs do not depend on ``jobs``. With
+    ``jobs > 1`` the fits run in spawned worker processes, each with its own Lightning
+    progress bar turned off; one progress bar here counts the steps of all fits.
+
+    Raises:
+        ConfigurationError: bad settings, checked for every config before anything trains.
+    """
+    cfgs = [c.resolved() for c in configs]
+    tasks = [(c, v) for c in cfgs for v in c.variants]
+    if jobs < 1:
+        raise ConfigurationError(f"jobs must be >= 1, got {jobs}.")
+    if jobs == 1 or len(tasks) == 1:
+        return [_fit_variant(c, v, None) for c, v in tasks]
+    return _run_parallel(tasks, jobs)
+
+
+def _run_parallel(tasks: list[tuple[ReproduceConfig, str]], jobs: int) -> list[VariantResult]:
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    ctx = mp.get_context("spawn")  # fork after torch/Lightning imports is not safe
+    total = sum(c.steps for c, _ in tasks)
+    results: dict[int, VariantResult] = {}
+    with ctx.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        steps_done = manager.Queue()
+        futures = {
+            pool.submit(_fit_variant, c, v, steps_done if c.progress else None): k
+            for k, (c, v) in enumerate(tasks)
+        }
+        show = any(c.progress for c, _ in tasks)
+        bar = tqdm(total=total, desc=f"{len(tasks)} fits, {jobs} at a time", disable=not show)
+        pending = set(futures)
+        try:
+            while pending:
+                with contextlib.suppress(queue_mod.Empty):
+                    bar.update(steps_done.get(timeout=0.2))
+                for fut in [f for f in pending if f.done()]:
+                    pending.discard(fut)
+                    res = fut.result()  # re-raises a worker's error here
+                    results[futures[fut]] = res
+                    bar.write(f"[{res.setup}] {res.variant} done in {res.seconds:.1f}s")
+        finally:
+            for fut in pending:
+                fut.cancel()
+            bar.close()
+    return [results[k] for k in range(len(tasks))]
+
+
+class _StepReporter(L.Callback):
+    """Sends the number of finished steps to the parent's progress bar (every 10 steps)."""
+
+    def __init__(self, steps_done: Any) -> None:
+        self.steps_done, self.pending = steps_done, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.pending += 1
+        if self.pending >= 10:
+            self.steps_done.put(self.pending)
+            self.pending = 0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.pending:
+            self.steps_done.put(self.pending)
+            self.pending = 0
+
+
+def _fit_variant(cfg: ReproduceConfig, variant: str, steps_done: Any) -> VariantResult:
+    """One fit of one variant (in this process or a worker)."""
+    if steps_done is not None:
+        # a worker's chatter would break the parent's progress bar; warnings still show
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        warnings.filterwarnings("ignore", message=".*treespec.*")
     threads = cfg.threads
     if threads is None and (cfg.setup == "dln" or cfg.dataset == "digits"):
         threads = 1
@@ -277,45 +380,44 @@ def run_comparison(cfg: ReproduceConfig) -> list[VariantResult]:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(cfg)
+        return _fit(cfg, variant, steps_done)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(cfg: ReproduceConfig) -> list[VariantResult]:
-    results = []
-    for i, variant in enumerate(cfg.variants):
-        print(
-            f"[{cfg.setup} {i + 1}/{len(cfg.variants)}] {variant}: {cfg.steps} steps, "
-            f"lr {cfg.lr:g}",
-            flush=True,
-        )
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        dm = _datamodule(cfg)
-        module = _module(cfg, variant, dm)
-        loggers = _loggers(cfg, variant)
-        callbacks = monitor_callbacks(cfg, module) if cfg.monitors else []
-        trainer = L.Trainer(
-            max_steps=cfg.steps,
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            logger=loggers,
-            callbacks=[*callbacks, *cfg.extra_callbacks],
-            log_every_n_steps=1,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=cfg.progress,
-            num_sanity_val_steps=0,
-            val_check_interval=cfg.val_every if cfg.setup == "vgg" else None,
-            check_val_every_n_epoch=None if cfg.setup == "vgg" else 1,
-            limit_val_batches=None if cfg.setup == "vgg" else 0,
-        )
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
-        seconds = time.perf_counter() - start
-        for lg in loggers:
-            if type(lg).__name__ == "WandbLogger":
-                lg.experiment.finish()
-        results.append(VariantResult(cfg.setup, variant, loggers[0].log_dir, seconds))
-        print(f"[{cfg.setup} {i + 1}/{len(cfg.variants)}] {variant} done in {seconds:.1f}s")
-    return results
+def _fit(cfg: ReproduceConfig, variant: str, steps_done: Any) -> VariantResult:
+    i = list(cfg.variants).index(variant)
+    tag = f"[{cfg.setup} {i + 1}/{len(cfg.variants)}] {variant}"
+    if steps_done is None:
+        print(f"{tag}: {cfg.steps} steps, lr {cfg.lr:g}", flush=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = _datamodule(cfg)
+    module = _module(cfg, variant, dm)
+    loggers = _loggers(cfg, variant)
+    callbacks = monitor_callbacks(cfg, module) if cfg.monitors else []
+    if steps_done is not None:
+        callbacks.append(_StepReporter(steps_done))
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        logger=loggers,
+        callbacks=[*callbacks, *cfg.extra_callbacks],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.progress and steps_done is None,
+        num_sanity_val_steps=0,
+        val_check_interval=cfg.val_every if cfg.setup == "vgg" else None,
+        check_val_every_n_epoch=None if cfg.setup == "vgg" else 1,
+        limit_val_batches=None if cfg.setup == "vgg" else 0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.finish()
+    if steps_done is None:
+        print(f"{tag} done in {seconds:.1f}s", flush=True)
+    return VariantResult(cfg.setup, variant, loggers[0].log_dir, seconds)
