@@ -148,6 +148,17 @@ class MonitorCallback(Callback):
         if self.sink is not None and metrics and self.is_global_zero:
             self.sink.log_scalars(metrics, step=step)
 
+    def log_vector(self, names: list[str], values: Tensor, step: int) -> None:
+        """Write ``values[i]`` under ``names[i]``: one host transfer for the whole vector.
+
+        Cheaper than :meth:`log_scalars` with hundreds of 0-d tensors (each would be one more
+        kernel when stacked); rank zero only.
+        """
+        if self.sink is None or not self.is_global_zero or not names:
+            return
+        host = values.detach().float().reshape(-1).cpu().tolist()
+        self.sink.log_scalars(dict(zip(names, host, strict=True)), step=step)
+
     def release(self) -> None:
         """Remove every registered hook; subclasses extend it to drop per-fit buffers."""
         while self._handles:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from lightning_norm.callbacks._base import MonitorCallback
@@ -242,7 +243,8 @@ class ActivationMoments(MonitorCallback):
         self._prev = (end, {n: (s.unit_moments.mean, s.unit_moments.var) for n, s in stats.items()})
         if mode != FULL:
             return
-        self.log_scalars(self._metrics(stats, prev), step)
+        names, values = self._metrics(stats, prev)
+        self.log_vector(names, values, step)
         if self.sink is not None and self.is_global_zero:
             for name, hist in histograms.items():
                 self.sink.log_histogram(f"activation/{name}/hist", hist, step)
@@ -251,27 +253,35 @@ class ActivationMoments(MonitorCallback):
         self,
         stats: dict[str, LayerStats],
         prev: tuple[int, dict[str, tuple[Tensor, Tensor]]] | None,
-    ) -> dict[str, Tensor]:
-        names = [_pname(q) for q in self.quantiles]
-        out: dict[str, Tensor] = {}
+    ) -> tuple[list[str], Tensor]:
+        """Every logged name and its value, as one device vector (one host transfer)."""
+        pnames = [_pname(q) for q in self.quantiles]
+        names: list[str] = []
+        parts: list[Tensor] = []
         for layer, s in stats.items():
             base = f"activation/{layer}"
-            out[f"{base}/mean"] = s.whole.mean
-            out[f"{base}/std"] = s.whole.std
-            for i, pn in enumerate(names):
-                out[f"{base}/{pn}"] = s.quantiles[i]
-            out[f"{base}/nonfinite"] = s.nonfinite
+            names += [f"{base}/{m}" for m in ("mean", "std", *pnames, "nonfinite")]
+            parts += [
+                s.whole.mean.reshape(1),
+                s.whole.std.reshape(1),
+                s.quantiles.reshape(-1),
+                s.nonfinite.float().reshape(1),
+            ]
+            um = s.unit_moments
             if prev is not None and layer in prev[1] and s.units:
                 pmean, pvar = prev[1][layer]
-                if pmean.shape == s.unit_moments.mean.shape:
-                    out[f"{base}/delta_mean"] = (s.unit_moments.mean - pmean).abs().mean()
-                    out[f"{base}/delta_var"] = (s.unit_moments.var - pvar).abs().mean()
-            for j, unit in enumerate(s.units):
-                out[f"{base}/unit{unit}_mean"] = s.unit_moments.mean[j]
-                out[f"{base}/unit{unit}_std"] = s.unit_moments.std[j]
-                for i, pn in enumerate(names):
-                    out[f"{base}/unit{unit}_{pn}"] = s.unit_quantiles[j, i]
-        return out
+                if pmean.shape == um.mean.shape:
+                    names += [f"{base}/delta_mean", f"{base}/delta_var"]
+                    parts.append((um.mean - pmean).abs().mean().reshape(1))
+                    parts.append((um.var - pvar).abs().mean().reshape(1))
+            if s.units:
+                per_unit = ("mean", "std", *pnames)
+                names += [f"{base}/unit{u}_{m}" for u in s.units for m in per_unit]
+                # (units, 2 + len(q)), row-major: unit by unit, in the order of the names
+                block = torch.cat([um.mean[:, None], um.std[:, None], s.unit_quantiles], dim=1)
+                parts.append(block.reshape(-1))
+        values = torch.cat(parts) if parts else torch.zeros(0)
+        return names, values
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -206,13 +206,14 @@ class GradientNorms(MonitorCallback):
             return
         step, p = self._step, self.norm_type
         touched = [*norms.layers_touching(self._stepped), True]
-        names = [*norms.layer_names, "total"]
-        metrics: dict[str, Tensor] = {}
+        layer_names = [*norms.layer_names, "total"]
+        names: list[str] = []
+        parts: list[Tensor] = []
 
         def put(group: str, values: Tensor, only_touched: bool) -> None:
-            for name, value, hit in zip(names, values, touched, strict=True):
-                if hit or not only_touched:
-                    metrics[f"{group}/{name}"] = value
+            keep = [i for i, hit in enumerate(touched) if hit or not only_touched]
+            names.extend(f"{group}/{layer_names[i]}" for i in keep)
+            parts.append(values if len(keep) == len(touched) else values[keep])
 
         put("grad_norm", norms.combine(self._grad, p), True)
         if self.log_clipped:
@@ -230,7 +231,7 @@ class GradientNorms(MonitorCallback):
             dist = tensor_norms(torch._foreach_sub(list(origin), self._init), 2.0)
             put("dist_from_init", norms.combine(dist, 2.0), False)
         self._reset_batch()
-        self.log_scalars(metrics, step)
+        self.log_vector(names, torch.cat(parts), step)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

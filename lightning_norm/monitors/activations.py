@@ -23,6 +23,7 @@ from lightning_norm.sink import Histogram
 from lightning_norm.stats import (
     DEFAULT_QUANTILES,
     Moments,
+    Scratch,
     Subsampler,
     as_accumulation_dtype,
     gather_stack,
@@ -115,6 +116,8 @@ class ActivationRecorder:
         self.units: dict[str, list[int]] = {}
         self._unit_index: dict[tuple[str, str], Tensor] = {}
         self._acc: dict[str, _Accumulator] = {}
+        # Only the CPU needs it: accelerators' caching allocators make temporaries cheap.
+        self._scratch = Scratch()
         self._handles: list[Any] = []
         self.mode: str | None = None
         #: When set, the next call of each layer also stores a histogram of its values here.
@@ -134,6 +137,7 @@ class ActivationRecorder:
         while self._handles:
             self._handles.pop().remove()
         self.disarm()
+        self._scratch.clear()
 
     @property
     def attached(self) -> bool:
@@ -194,16 +198,19 @@ class ActivationRecorder:
         rows = x.index_select(cdim, idx).movedim(cdim, 0)
         return as_accumulation_dtype(rows.reshape(len(units), -1))
 
+    def _scratch_for(self, x: Tensor) -> Scratch | None:
+        return self._scratch if x.device.type == "cpu" else None
+
     def _record(self, name: str, x: Tensor) -> None:
         acc = self._acc.setdefault(name, _Accumulator())
         rows = self._unit_rows(name, x)
         if rows is not None:
-            um = Moments.from_tensor(rows, dim=1)
+            um = Moments.from_tensor(rows, dim=1, scratch=self._scratch_for(rows))
             acc.units = um if acc.units is None else acc.units.merge(um)
         if self.mode != FULL:
             return
         xf = as_accumulation_dtype(x)
-        wm = Moments.from_tensor(xf)
+        wm = Moments.from_tensor(xf, scratch=self._scratch_for(xf))
         acc.whole = wm if acc.whole is None else acc.whole.merge(wm)
         if xf.device.type == "cpu" and bool(torch.isfinite(wm.m2)):
             # On the CPU reading a scalar costs no device sync, and a finite sum of squares

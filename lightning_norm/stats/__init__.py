@@ -9,12 +9,13 @@
 """
 
 from lightning_norm.stats.distributed import gather_stack, world_size
-from lightning_norm.stats.moments import Moments, as_accumulation_dtype
+from lightning_norm.stats.moments import Moments, Scratch, as_accumulation_dtype
 from lightning_norm.stats.quantiles import DEFAULT_QUANTILES, Subsampler, percentiles
 
 __all__ = [
     "DEFAULT_QUANTILES",
     "Moments",
+    "Scratch",
     "Subsampler",
     "as_accumulation_dtype",
     "gather_stack",

@@ -24,6 +24,31 @@ def as_accumulation_dtype(x: Tensor) -> Tensor:
     return x if x.dtype in ACCUMULATE_DTYPES else x.float()
 
 
+class Scratch:
+    """A reusable float32 buffer per device, grown to the largest tensor it has held.
+
+    Example::
+
+        scratch = Scratch()
+        Moments.from_tensor(x, scratch=scratch)  # no new allocation once warmed up
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, like: Tensor) -> Tensor:
+        """A flat ``(like.numel(),)`` view of the buffer, same dtype and device as ``like``."""
+        key = f"{like.device}:{like.dtype}"
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[: like.numel()]
+
+    def clear(self) -> None:
+        self._buffers = {}
+
+
 @dataclass
 class Moments:
     """Count, mean and sum of squared deviations (``m2``) of one or more groups of values.
@@ -48,14 +73,18 @@ class Moments:
     m2: Tensor
 
     @classmethod
-    def from_tensor(cls, x: Tensor, dim: int | None = None) -> Moments:
+    def from_tensor(
+        cls, x: Tensor, dim: int | None = None, scratch: Scratch | None = None
+    ) -> Moments:
         """The moments of ``x`` (all of it, or each row of a 2-d ``x`` with ``dim=1``), in float32.
 
         Uses the shifted-data algorithm: with ``c`` the first value (of each row),
         ``s1 = sum(x - c)``, ``s2 = sum((x - c)^2)``, ``mean = c + s1 / n`` and
         ``m2 = s2 - s1^2 / n``. The float32 rounding then scales with the spread of ``x``, not
         with its offset, and it is one subtraction, one sum and one dot product: several times
-        faster than ``torch.var_mean`` on CPU.
+        faster than ``torch.var_mean`` on CPU. ``scratch`` (a :class:`Scratch`) holds ``x - c``
+        instead of a fresh allocation: on the CPU a fresh multi-megabyte tensor costs page faults
+        at every step, more than the arithmetic.
 
         Raises:
             ValueError: ``x`` is empty, or ``dim`` is neither ``None`` nor 1 of a 2-d tensor.
@@ -66,12 +95,15 @@ class Moments:
         if dim is None:
             flat = x.reshape(-1)
             c = flat[0]
-            y = flat - c
+            y = flat - c if scratch is None else torch.sub(flat, c, out=scratch.get(flat))
             n = flat.numel()
             s1, s2 = y.sum(), torch.dot(y, y)
         elif dim in (1, -1) and x.dim() == 2:
             c = x[:, 0]
-            y = x - c[:, None]
+            if scratch is None:
+                y = x - c[:, None]
+            else:
+                y = torch.sub(x, c[:, None], out=scratch.get(x).view(x.shape))
             n = x.shape[1]
             s1, s2 = y.sum(1), (y * y).sum(1)
         else:
