@@ -177,6 +177,7 @@ def fit_state(with_callback: bool, tmp_path):
             LossLandscape(
                 every_n_steps=1,
                 num_points=3,
+                hessian=True,
                 hessian_iters=3,
                 hessian_trace_samples=2,
                 slice_steps=[1],
@@ -208,6 +209,7 @@ def test_fit_is_bit_identical_with_and_without_callback(tmp_path):
     b = fit_state(False, tmp_path)
     assert len(a["landscape"]) == 5  # it did probe every step
     assert "landscape/total/hessian_trace" in a["landscape"][0]
+    assert "landscape/total/hessian_top_eig" in a["landscape"][0]
     for k in b["state"]:  # parameters and BN running stats / num_batches_tracked
         assert torch.equal(a["state"][k], b["state"][k]), k
     for x, y in zip(a["momentum"], b["momentum"], strict=True):
@@ -340,7 +342,9 @@ def test_ddp_values_describe_the_global_batch(tmp_path):
     net = mlp_bn(bn=False)
     model = Classifier(net, lr=0.3, batch_size=8, n=32)
     init = [p.detach().clone().double() for p in model.parameters()]
-    cb = LossLandscape(every_n_steps=1000, hessian_iters=500, hessian_tol=1e-12, slice_at_end=False)
+    cb = LossLandscape(
+        every_n_steps=1000, hessian=True, hessian_iters=500, hessian_tol=1e-12, slice_at_end=False
+    )
     trainer = cpu_trainer(
         max_steps=1,
         strategy="ddp_spawn",

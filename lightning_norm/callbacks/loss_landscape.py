@@ -27,10 +27,12 @@ from lightning_norm.probes.hessian import HessianOperator
 from lightning_norm.probes.landscape import EtaGrid, Spacing, gradient_landscape, loss_slice
 from lightning_norm.probes.replay import StepReplay
 
-#: Default probing interval: one probe costs about 40 training steps at the default settings
-#: (8 forward+backward passes and up to 20 Hessian-vector products, see docs/landscape.md), so
-#: probing every 500 steps keeps the amortized overhead under 10%.
-DEFAULT_EVERY_N_STEPS = 500
+#: Default probing interval: one probe at the default settings (8 forward+backward passes, no
+#: Hessian) costs about 10 training steps (benchmarks/bench_landscape.py, docs/landscape.md), so
+#: probing every 200 steps keeps the amortized overhead near 5%. The Hessian's power iteration
+#: adds about 3 steps per Hessian-vector product (double backward): opt in with ``hessian=True``
+#: and a longer interval.
+DEFAULT_EVERY_N_STEPS = 200
 
 UserLossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -91,12 +93,13 @@ class LossLandscape(MonitorCallback):
     absolute and every parameter moves by ``eta * g`` (``s = 1``). Only parameters the optimizer
     holds move; a parameter without a gradient stays put.
 
-    Beyond S18: the largest-magnitude eigenvalue of the Hessian of the same loss at ``w`` by power
-    iteration on exact Hessian-vector products (double backward), in training mode (BN batch
-    statistics, the loss the optimizer descends; PyHessian's eval mode gives the inference
-    function's curvature instead), optionally Hutchinson's trace; and at ``slice_steps`` and at
-    the end of fit, the loss along a filter-normalized random direction (Li et al. 2018) and
-    optionally a 2-D slice, on the step's batch (at the end: the last training batch).
+    Beyond S18 (``hessian=True``): the largest-magnitude eigenvalue of the Hessian of the same
+    loss at ``w`` by power iteration on exact Hessian-vector products (double backward), in
+    training mode (BN batch statistics, the loss the optimizer descends; PyHessian's eval mode
+    gives the inference function's curvature instead), optionally Hutchinson's trace; and at
+    ``slice_steps`` and at the end of fit, the loss along a filter-normalized random direction
+    (Li et al. 2018) and optionally a 2-D slice, on the step's batch (at the end: the last
+    training batch).
 
     Nothing the model learns changes: parameters are never written, BN buffers, ``.grad``,
     optimizer state, the random streams and logged metrics are as without the callback, and the
@@ -132,7 +135,8 @@ class LossLandscape(MonitorCallback):
         num_points: grid points (>= 1).
         spacing: ``"linear"`` or ``"log"``.
         relative: multiply the grid by the current learning rate.
-        hessian: log ``hessian_top_eig``.
+        hessian: log ``hessian_top_eig`` (off by default: up to ``hessian_iters`` products of
+            about 3 training steps each; raise ``every_n_steps`` accordingly).
         hessian_iters: most power iterations (Hessian-vector products).
         hessian_tol: stop when two successive estimates differ by at most this fraction.
         hessian_trace_samples: Rademacher vectors for Hutchinson's trace (0: not logged).
@@ -171,7 +175,7 @@ class LossLandscape(MonitorCallback):
         num_points: int = 8,
         spacing: Spacing = "linear",
         relative: bool = True,
-        hessian: bool = True,
+        hessian: bool = False,
         hessian_iters: int = 20,
         hessian_tol: float = 1e-3,
         hessian_trace_samples: int = 0,
@@ -441,10 +445,15 @@ class LossLandscape(MonitorCallback):
         del d1
         self._slices += 1
         self.last_slice = data
+        folder = self.save_dir
+        if folder is None:
+            # Trainer.log_dir broadcasts from rank 0: every rank must ask, not only rank 0.
+            log_dir = trainer.log_dir
+            folder = os.path.join(log_dir, "landscape") if log_dir is not None else None
         if trainer.is_global_zero:
-            self._write_slice(trainer, data, step)
+            self._write_slice(data, step, folder)
 
-    def _write_slice(self, trainer: L.Trainer, data: dict[str, Any], step: int) -> None:
+    def _write_slice(self, data: dict[str, Any], step: int, folder: str | None) -> None:
         import numpy as np
         from matplotlib.figure import Figure
 
@@ -469,9 +478,6 @@ class LossLandscape(MonitorCallback):
             ax.set_title(f"loss slice, step {step}")
             if self.sink is not None:
                 self.sink.log_figure("landscape/total/slice_2d", fig, step)
-        folder = self.save_dir
-        if folder is None and trainer.log_dir is not None:
-            folder = os.path.join(trainer.log_dir, "landscape")
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
             torch.save(data, os.path.join(folder, f"slice_step{step:07d}.pt"))
