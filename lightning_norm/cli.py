@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--data-dir", default="data", help="CIFAR-10 folder")
     rep.add_argument("--download", action="store_true", help="allow downloading CIFAR-10")
-    rep.add_argument("--steps", type=int, default=400, help="VGG steps per variant (S18: 15000)")
+    rep.add_argument("--steps", type=int, default=300, help="VGG steps per variant (S18: 15000)")
     rep.add_argument("--lr", type=float, default=0.1, help="VGG SGD learning rate (S18: 0.1)")
     rep.add_argument("--batch-size", type=int, default=128, help="VGG batch size (S18: 128)")
     rep.add_argument(
@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--monitor-every",
         type=int,
-        default=1,
-        help="ActivationMoments/GradientNorms interval (steps)",
+        default=None,
+        help="ActivationMoments/GradientNorms interval in steps (default: 1 VGG, 5 DLN)",
     )
     rep.add_argument(
         "--probe-every",

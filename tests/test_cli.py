@@ -81,7 +81,7 @@ def test_report_command_errors_are_clear(tmp_path, capsys):
 def test_parser_defaults_are_the_documented_ones():
     args = build_parser().parse_args(["reproduce"])
     assert args.setup == ["vgg", "dln"]
-    assert (args.steps, args.lr, args.batch_size, args.dataset) == (400, 0.1, 128, "digits")
+    assert (args.steps, args.lr, args.batch_size, args.dataset) == (300, 0.1, 128, "digits")
     assert args.logdir == "runs/s18" and not args.wandb and not args.download
 
 

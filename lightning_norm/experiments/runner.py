@@ -67,7 +67,8 @@ class ReproduceConfig:
         width: VGG width multiplier.
         image_size: digits image side (8 native; larger upsamples, for deeper configs).
         depth: DLN depth (S18: 25).
-        monitor_every: ActivationMoments / GradientNorms interval in steps.
+        monitor_every: ActivationMoments / GradientNorms interval in steps; default 1 for VGG,
+            5 for the DLN.
         probe_every: ICSDrift / LossLandscape interval; default ``max(1, steps // 25)``.
         val_every: validation interval in steps (VGG only); default ``max(1, steps // 10)``.
         logdir: root of the logs.
@@ -98,7 +99,7 @@ class ReproduceConfig:
     width: float = 1.0
     image_size: int = 8
     depth: int = 25
-    monitor_every: int = 1
+    monitor_every: int | None = None
     probe_every: int | None = None
     val_every: int | None = None
     logdir: str = "runs/s18"
@@ -124,13 +125,14 @@ class ReproduceConfig:
         if self.dataset not in DATASETS:
             raise ConfigurationError(f"Unknown dataset {self.dataset!r}; choose from {DATASETS}.")
         vgg = self.setup == "vgg"
-        steps = self.steps if self.steps is not None else (400 if vgg else 1000)
+        steps = self.steps if self.steps is not None else (300 if vgg else 1000)
+        monitor_every = self.monitor_every or (1 if vgg else 5)
         lr = self.lr if self.lr is not None else (0.1 if vgg else 1e-3)
         variants = tuple(self.variants or (VGG_VARIANTS if vgg else DLN_VARIANTS))
         for name, value in (
             ("steps", steps),
             ("batch_size", self.batch_size),
-            ("monitor_every", self.monitor_every),
+            ("monitor_every", monitor_every),
         ):
             if value < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {value}.")
@@ -149,6 +151,7 @@ class ReproduceConfig:
             steps=steps,
             lr=lr,
             variants=variants,
+            monitor_every=monitor_every,
             probe_every=self.probe_every or max(1, steps // 25),
             val_every=self.val_every or max(1, steps // 10),
         )
@@ -170,14 +173,32 @@ def _optional_callback(name: str, **kwargs: Any) -> L.Callback | None:
     return cls(**kwargs)
 
 
+def spread(names: Sequence[str], k: int) -> list[str]:
+    """At most ``k`` of ``names``, evenly spaced from the first to the last."""
+    names = list(names)
+    if len(names) <= k:
+        return names
+    return [names[round(i * (len(names) - 1) / (k - 1))] for i in range(k)]
+
+
 def monitor_callbacks(cfg: ReproduceConfig, module: L.LightningModule) -> list[L.Callback]:
-    """The measurement callbacks for one fit of ``module`` (see the module docstring)."""
+    """The measurement callbacks for one fit of ``module`` (see the module docstring).
+
+    VGG: every normalization slot and every Conv/Linear layer. DLN: its 24 slots and 25 layers
+    would log ~800 scalars a step, so 4 slots and 4 layers spread over the depth are measured
+    (for ICS the first layer is left out: nothing precedes it, so its drift is zero).
+    """
     from lightning_norm.selection import LayerSelection
 
-    # outermost=False: with types=(nn.Module,) the root itself matches and would hide the slots
-    slots = LayerSelection(types=(nn.Module,), include=list(module.norm_slots), outermost=False)
-    weights = LayerSelection(types=(nn.Conv2d, nn.Linear))
     vgg = cfg.setup == "vgg"
+    slot_names = list(module.norm_slots) if vgg else spread(module.norm_slots, 4)
+    if vgg:
+        weights = LayerSelection(types=(nn.Conv2d, nn.Linear))
+    else:
+        chosen = spread(module.linear_layers[1:], 4)
+        weights = LayerSelection(types=(nn.Linear,), include=chosen)
+    # outermost=False: with types=(nn.Module,) the root itself matches and would hide the slots
+    slots = LayerSelection(types=(nn.Module,), include=slot_names, outermost=False)
     callbacks = [
         _optional_callback(
             "ActivationMoments",
@@ -186,7 +207,9 @@ def monitor_callbacks(cfg: ReproduceConfig, module: L.LightningModule) -> list[L
             num_units=4,
             seed=cfg.seed,
         ),
-        _optional_callback("GradientNorms", every_n_steps=cfg.monitor_every),
+        _optional_callback(
+            "GradientNorms", every_n_steps=cfg.monitor_every, layers=None if vgg else weights
+        ),
         _optional_callback("ICSDrift", layers=weights, every_n_steps=cfg.probe_every),
         _optional_callback(
             "LossLandscape",
