@@ -73,13 +73,15 @@ def test_trainer_accepts_the_plugin(no_process_group_left):
     assert trainer.strategy._layer_sync is plugin
 
 
-def test_lightning_cli_builds_the_plugin_from_class_path(no_process_group_left):
+def test_lightning_cli_builds_the_plugin_from_class_path(no_process_group_left, monkeypatch):
     from lightning.pytorch.cli import LightningCLI
 
+    monkeypatch.setattr("sys.argv", ["cli"])  # the config comes from `args` only
     cli = LightningCLI(
         Classifier,
         run=False,
         save_config_callback=None,
+        seed_everything_default=False,
         args={
             "trainer": {
                 "accelerator": "cpu",
