@@ -223,3 +223,40 @@ def test_probe_support_refuses_accumulation_and_manual_optimization():
     model.automatic_optimization = False
     with pytest.raises(ConfigurationError, match="automatic optimization"):
         check_probe_support(cpu_trainer(), model, "Probe")
+
+
+class _WithMetric(Classifier):
+    """Updates a torchmetrics metric in ``training_step``, as real modules do."""
+
+    def __init__(self):
+        super().__init__(small_convnet(bn=False))
+        from torchmetrics import MeanMetric
+
+        self.mean_loss = MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.mean_loss(loss.detach())
+        self.log("mean_loss", self.mean_loss)
+        return loss
+
+
+class _Probe(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.capture = capture_step(trainer, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = pl_module.mean_loss
+        before = (m.mean_value.clone(), m.weight.clone(), m._update_count)
+        zeros = {n: torch.zeros_like(p) for n, p in pl_module.named_parameters()}
+        make_replay(trainer, pl_module, self.capture).loss(zeros)
+        assert torch.equal(m.mean_value, before[0]) and torch.equal(m.weight, before[1])
+        assert m._update_count == before[2] and before[2] > 0
+        self.checked = getattr(self, "checked", 0) + 1
+
+
+def test_metric_state_is_restored_after_a_replay():
+    torch.manual_seed(0)
+    cb, rec = _Probe(), _Recorder()
+    cpu_trainer(max_steps=2, callbacks=[cb], logger=rec, log_every_n_steps=1).fit(_WithMetric())
+    assert cb.checked == 2

@@ -107,7 +107,7 @@ def _clone_state(value: Any) -> Any:
     return value
 
 
-_METRIC_FIELDS = ("_update_count", "_computed", "_forward_cache", "_update_called")
+_METRIC_FIELDS = ("_update_count", "_computed", "_forward_cache")
 
 
 @contextlib.contextmanager
@@ -125,7 +125,7 @@ def silenced_logging(pl_module: pl.LightningModule) -> Iterator[None]:
         (
             m,
             {k: _clone_state(getattr(m, k)) for k in getattr(m, "_defaults", {})},
-            {k: getattr(m, k) for k in _METRIC_FIELDS if hasattr(m, k)},
+            {k: m.__dict__[k] for k in _METRIC_FIELDS if k in m.__dict__},
         )
         for m in metrics
     ]
