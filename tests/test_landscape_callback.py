@@ -381,3 +381,37 @@ def test_ddp_values_describe_the_global_batch(tmp_path):
     assert rel_close(r0["landscape/total/beta_eff"], max(diffs))
     eig = torch.linalg.eigvalsh(brute_hessian(ref, x, y, rng, w))
     assert rel_close(r0["landscape/total/hessian_top_eig"], eig[eig.abs().argmax()].item())
+
+
+class TwoGroups(Classifier):
+    def configure_optimizers(self):
+        first = list(self.net[2].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        return torch.optim.SGD([{"params": first, "lr": 0.2}, {"params": rest, "lr": 0.05}])
+
+
+def test_parameter_groups_move_by_their_own_lr():
+    L.seed_everything(5)
+    model = TwoGroups(mlp_bn(), batch_size=16, n=32)
+    logger, recorder = MemoryLogger(), Recorder()
+    cb = LossLandscape(every_n_steps=1000, num_points=2, eta_range=(1.0, 3.0), slice_at_end=False)
+    trainer = cpu_trainer(max_steps=1, logger=logger, callbacks=[recorder, cb], precision="64-true")
+    trainer.fit(model)
+    metrics = logger.landscape()[0]
+    rec = recorder.steps[0]
+    x, y = rec["batch"]
+    first = {id(p) for p in model.net[2].parameters()}
+    # Per-parameter learning rate, in model.parameters() order: 0.2 for net.2, 0.05 elsewhere.
+    lrs = torch.cat(
+        [torch.full((p.numel(),), 0.2 if id(p) in first else 0.05) for p in model.parameters()]
+    ).double()
+    w = torch.cat([t.reshape(-1) for t in rec["w"]])
+    g = torch.cat([t.reshape(-1) for t in rec["g"]])
+    betas = []
+    for i, m in enumerate((1.0, 3.0)):
+        step = m * lrs * g  # the SGD step of each group, scaled by the grid multiplier
+        loss, g_eta = brute(model.net, x, y, rec["rng"], w - step)
+        assert rel_close(metrics[f"landscape/total/curve_eta_{i}"], m * 0.2)  # first group's lr
+        assert rel_close(metrics[f"landscape/total/curve_loss_{i}"], loss)
+        betas.append(norm(g - g_eta) / norm(step))
+    assert rel_close(metrics["landscape/total/beta_eff"], max(betas))
