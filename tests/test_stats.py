@@ -308,3 +308,20 @@ def test_recorder_ddp_moments_equal_single_process_on_concatenated_batch(tmp_pat
             assert got["umean"][u].item() == pytest.approx(um, abs=1e-6)
             assert got["uvar"][u].item() == pytest.approx(uv, rel=1e-5)
             assert got["uq"][u, 0].item() == pytest.approx(ref_quantile(vals, 0.15), rel=1e-5)
+
+
+def test_checked_moments_fast_path_matches_and_flags_nonfinite():
+    g = torch.Generator().manual_seed(4)
+    for offset in (0.0, 50.0, 1e4):  # well conditioned, then ill conditioned (shifted fallback)
+        x = torch.randn(64, 33, generator=g) * 0.5 + offset
+        m, finite = Moments.from_tensor_checked(x)
+        mean, var = ref_moments(x.double().flatten().tolist())
+        assert finite
+        assert m.mean.item() == pytest.approx(mean, rel=1e-6, abs=1e-6)
+        assert m.var.item() == pytest.approx(var, rel=1e-4)
+        rows, finite = Moments.from_tensor_checked(x, dim=1)
+        for j in (0, 17):
+            mean, var = ref_moments(x[j].double().tolist())
+            assert rows.var[j].item() == pytest.approx(var, rel=1e-4)
+    x[0, 0] = float("inf")
+    assert Moments.from_tensor_checked(x)[1] is False

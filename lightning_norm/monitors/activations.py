@@ -198,24 +198,28 @@ class ActivationRecorder:
         rows = x.index_select(cdim, idx).movedim(cdim, 0)
         return as_accumulation_dtype(rows.reshape(len(units), -1))
 
-    def _scratch_for(self, x: Tensor) -> Scratch | None:
-        return self._scratch if x.device.type == "cpu" else None
-
     def _record(self, name: str, x: Tensor) -> None:
         acc = self._acc.setdefault(name, _Accumulator())
         rows = self._unit_rows(name, x)
         if rows is not None:
-            um = Moments.from_tensor(rows, dim=1, scratch=self._scratch_for(rows))
+            if rows.device.type == "cpu":
+                um, _ = Moments.from_tensor_checked(rows, dim=1, scratch=self._scratch)
+            else:
+                um = Moments.from_tensor(rows, dim=1)
             acc.units = um if acc.units is None else acc.units.merge(um)
         if self.mode != FULL:
             return
         xf = as_accumulation_dtype(x)
-        wm = Moments.from_tensor(xf, scratch=self._scratch_for(xf))
+        if xf.device.type == "cpu":
+            # Reading a scalar costs no device sync on the CPU: raw sums, with a shifted
+            # recompute only when ill-conditioned, and the non-finite count only when the sum
+            # of squares says there is something to count.
+            wm, finite = Moments.from_tensor_checked(xf, scratch=self._scratch)
+        else:
+            wm, finite = Moments.from_tensor(xf), False
         acc.whole = wm if acc.whole is None else acc.whole.merge(wm)
-        if xf.device.type == "cpu" and bool(torch.isfinite(wm.m2)):
-            # On the CPU reading a scalar costs no device sync, and a finite sum of squares
-            # proves every value finite: the counting pass (~30% of the statistics) is skipped.
-            bad = torch.zeros((), dtype=torch.long)
+        if finite:
+            bad = torch.zeros((), dtype=torch.long, device=xf.device)
         else:
             bad = xf.numel() - torch.isfinite(xf).sum()
         acc.nonfinite = bad if acc.nonfinite is None else acc.nonfinite + bad
