@@ -197,3 +197,26 @@ def test_errors_and_state_key():
     cb = GradientNorms()
     cb.load_state_dict({})  # older checkpoints without the field
     assert cb.state_dict() == {}
+
+
+def test_fp16_amp_gradients_are_read_unscaled():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = Recording(small_convnet())
+    init = copy.deepcopy(model.net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    logger = MemoryLogger()
+    trainer = cpu_trainer(callbacks=[GradientNorms()], logger=logger, max_steps=1, plugins=[plugin])
+    trainer.fit(model)
+    assert trainer.precision_plugin.scaler is scaler and scaler._scale is not None  # it scaled
+    # reference: the first batch through the initial weights under the same autocast, unscaled
+    x, y = next(iter(model.train_dataloader()))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.cross_entropy(init(x), y)
+    loss.backward()
+    ref = norm([p.grad for p in init.parameters()])
+    logged = logger.by_step("grad_norm/")[0]["grad_norm/total"]
+    assert logged == pytest.approx(ref, rel=1e-2)  # not 1024x (the loss scale) larger
+    assert logged == pytest.approx(norm(model.grads[0].values()), rel=1e-6)
