@@ -200,11 +200,15 @@ class _ReplayAtZero(Callback):
         self.real.append(outputs["loss"].item())
 
 
-def test_lightning_replay_reproduces_the_step_and_does_not_log():
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_replay_reproduces_the_step_and_does_not_log(precision):
+    """Bit-equal replayed loss; under bf16 autocast only if the precision context is replayed."""
     torch.manual_seed(0)
     model = Classifier(small_convnet(bn=True))  # BN + dropout
     cb, rec = _ReplayAtZero(), _Recorder()
-    trainer = cpu_trainer(max_steps=3, callbacks=[cb], logger=rec, log_every_n_steps=1)
+    trainer = cpu_trainer(
+        max_steps=3, callbacks=[cb], logger=rec, log_every_n_steps=1, precision=precision
+    )
     trainer.fit(model)
     assert cb.replayed == cb.real  # same batch, dropout masks, BN batch statistics
     logged = [m["train_loss"] for m, _ in rec.calls if "train_loss" in m]
