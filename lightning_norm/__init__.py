@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "NoisyBatchNorm": "lightning_norm.layers",
     "LpBatchNorm": "lightning_norm.layers",
     # shared machinery
+    "StepReplay": "lightning_norm.probes.replay",
     "StepSchedule": "lightning_norm.schedule",
     "LayerSelection": "lightning_norm.selection",
     "LogSink": "lightning_norm.sink",
