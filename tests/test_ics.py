@@ -306,6 +306,18 @@ def test_selection_state_and_no_leak(tmp_path):
     assert "log" not in model.__dict__
 
 
+def test_a_skipped_step_is_not_probed():
+    class SkipOdd(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return None if batch_idx % 2 else loss
+
+    torch.manual_seed(0)
+    ics = ICSDrift(layers=["net.5"])
+    cpu_trainer(max_steps=4, limit_train_batches=4, callbacks=[ics]).fit(SkipOdd(mlp()))
+    assert ics.probes_run == 2  # batches 0 and 2; replaying 1 and 3 would raise ReplayError
+
+
 # ---------------------------------------------------------------- DDP
 
 

@@ -24,6 +24,12 @@ from lightning_norm.selection import WEIGHT_LAYER_TYPES, LayerSelection
 log = logging.getLogger(__name__)
 
 
+def _step_loss(outputs: Any) -> Tensor | None:
+    """The loss the training step returned, as ``on_train_batch_end`` receives it, or None."""
+    real = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return real if isinstance(real, Tensor) else None
+
+
 class ICSDrift(MonitorCallback):
     """Logs each selected layer's gradient drift ``||G - G'||`` and ``cos(G, G')`` (S18 Def. 2.1).
 
@@ -183,7 +189,9 @@ class ICSDrift(MonitorCallback):
         capture, before = self._capture, self._before
         self._capture = self._before = None
         if capture is None or before is None:
-            return  # not due, or the step was skipped (no optimizer step)
+            return  # not due, or no optimizer step ran
+        if self.loss_fn is None and _step_loss(outputs) is None:
+            return  # training_step returned None: Lightning skipped the step, nothing to replay
         replay = make_replay(trainer, pl_module, capture, self.loss_fn)
         result = ics_drift(replay, before, [n for n, _ in self.layers])
         del before
@@ -201,10 +209,10 @@ class ICSDrift(MonitorCallback):
 
     def _check_replay(self, trainer: L.Trainer, outputs: Any, replayed: Tensor) -> None:
         """Warn once if the replayed loss at W^t differs from the real step's (single process)."""
-        real = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        real = _step_loss(outputs)
         if self._warned_mismatch or self.loss_fn is not None or trainer.world_size > 1:
             return
-        if not isinstance(real, Tensor):
+        if real is None:
             return
         real64, rep64 = real.detach().double(), replayed.double()
         if not torch.isclose(real64, rep64, rtol=1e-4, atol=1e-6):
