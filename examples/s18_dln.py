@@ -6,8 +6,8 @@ fitting ``y = A x`` by full-batch gradient descent) with ICS and loss-landscape 
     python examples/s18_dln.py fit --config examples/configs/s18_dln.yaml --model.norm batchnorm
 
 Variants: ``none``, ``batchnorm``, ``lp1``, ``lp2``, ``lpinf``. S18 trains 10,000 steps at lr
-1e-6 on the loss summed over the 1,000 samples, i.e. lr 1e-3 on this module's mean loss
-(``--trainer.max_steps 10000``).
+1e-6 (``--trainer.max_steps 10000 --model.lr 1e-6``); the config's 1,000 steps at lr 1e-4 train
+both networks visibly in about a minute.
 """
 
 from __future__ import annotations

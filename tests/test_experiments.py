@@ -149,7 +149,7 @@ def test_reproduce_config_defaults_and_errors():
     cfg = ReproduceConfig().resolved()
     assert (cfg.steps, cfg.lr, cfg.variants, cfg.probe_every) == (300, 0.1, VGG_VARIANTS, 12)
     dln = ReproduceConfig(setup="dln").resolved()
-    assert (dln.steps, dln.lr, dln.variants, dln.monitor_every) == (1000, 1e-3, DLN_VARIANTS, 5)
+    assert (dln.steps, dln.lr, dln.variants, dln.monitor_every) == (1000, 1e-4, DLN_VARIANTS, 5)
     with pytest.raises(ConfigurationError, match="Unknown variant"):
         ReproduceConfig(variants=["batchnorm", "bogus"]).resolved()
     with pytest.raises(ConfigurationError, match="Unknown setup"):

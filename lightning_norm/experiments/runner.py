@@ -58,7 +58,8 @@ class ReproduceConfig:
         setup: ``"vgg"`` (VGG-like convnet, classification) or ``"dln"`` (deep linear network).
         variants: normalizations to compare; default :data:`VGG_VARIANTS` / :data:`DLN_VARIANTS`.
         steps: optimizer steps per variant (S18: 15,000 for VGG, 10,000 for the DLN).
-        lr: SGD learning rate (S18: 0.1 for VGG; for the DLN see :class:`DLNRegression`).
+        lr: SGD learning rate; default 0.1 for VGG (S18), 1e-4 for the DLN (see
+            :class:`DLNRegression`).
         batch_size: training batch (S18: 128; the DLN always uses the full batch).
         dataset: ``"digits"`` (embedded default) or ``"cifar10"`` (torchvision).
         data_dir: CIFAR-10 folder.
@@ -127,7 +128,7 @@ class ReproduceConfig:
         vgg = self.setup == "vgg"
         steps = self.steps if self.steps is not None else (300 if vgg else 1000)
         monitor_every = self.monitor_every or (1 if vgg else 5)
-        lr = self.lr if self.lr is not None else (0.1 if vgg else 1e-3)
+        lr = self.lr if self.lr is not None else (0.1 if vgg else 1e-4)
         variants = tuple(self.variants or (VGG_VARIANTS if vgg else DLN_VARIANTS))
         for name, value in (
             ("steps", steps),
