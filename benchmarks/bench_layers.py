@@ -2,13 +2,15 @@
 
 Runs every layer side by side on one input (default ``(64, 64, 32, 32)``, float32, training
 mode), interleaving the layers round by round so load changes on a shared machine hit them all
-alike, and prints the fastest and the median time of each and their ratios to BatchNorm2d (the
-fastest round is the least disturbed by other processes), in eager mode and (where it works on
-this machine) under ``torch.compile``.
+alike, and prints, for each, the fastest wall-clock round and the median CPU time of the process
+(``time.process_time``, all threads; on a shared machine it counts the work done rather than the
+waiting) with their ratios to BatchNorm2d, in eager mode and (where it works on this machine)
+under ``torch.compile``.
 
 Usage::
 
-    python benchmarks/bench_layers.py [--shape 64 64 32 32] [--rounds 15] [--no-compile]
+    python benchmarks/bench_layers.py [--shape 64 64 32 32] [--rounds 15] [--threads N]
+        [--no-compile]
 """
 
 from __future__ import annotations
@@ -55,30 +57,30 @@ def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
 
 def run(
     modules: dict[str, nn.Module], shape, rounds: int, warmup: int = 3
-) -> dict[str, list[float]]:
+) -> dict[str, list[tuple[float, float]]]:
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
     for m in modules.values():
         for _ in range(warmup):
             step(m, x, grad)
-    times: dict[str, list[float]] = {k: [] for k in modules}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in modules}
     for _ in range(rounds):
         for name, m in modules.items():
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             step(m, x, grad)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - w0, time.process_time() - c0))
     return times
 
 
-def report(title: str, times: dict[str, list[float]]) -> None:
-    best = {k: min(v) for k, v in times.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
+def report(title: str, times: dict[str, list[tuple[float, float]]]) -> None:
+    wall = {k: min(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     print(f"\n{title}")
-    print(f"{'layer':<16}{'min ms':>10}{'x BN2d':>9}{'median ms':>12}{'x BN2d':>9}")
+    print(f"{'layer':<16}{'wall min ms':>12}{'x BN2d':>9}{'CPU median ms':>15}{'x BN2d':>9}")
     for name in times:
         print(
-            f"{name:<16}{best[name] * 1e3:>10.2f}{best[name] / best['BatchNorm2d']:>9.2f}"
-            f"{med[name] * 1e3:>12.2f}{med[name] / med['BatchNorm2d']:>9.2f}"
+            f"{name:<16}{wall[name] * 1e3:>12.2f}{wall[name] / wall['BatchNorm2d']:>9.2f}"
+            f"{cpu[name] * 1e3:>15.2f}{cpu[name] / cpu['BatchNorm2d']:>9.2f}"
         )
 
 
@@ -86,8 +88,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs="+", default=[64, 64, 32, 32])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = tuple(args.shape)
     torch.manual_seed(0)
     print(

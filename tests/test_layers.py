@@ -368,3 +368,18 @@ def test_affine_layers_load_from_batchnorm(cls):
     torch.testing.assert_close(layer.weight, bn.weight)
     torch.testing.assert_close(layer.bias, bn.bias)
     assert cls(4, affine=False).load_from_batchnorm(bn) == []
+
+
+def test_lp_inf_gradient_is_shared_among_tied_maxima():
+    x = data((3, 2, 4, 4)).detach()
+    x[0, 0, 0, 0], x[0, 0, 1, 1], x[2, 0, 3, 2] = 9.0, -9.0, 9.0  # three ties, two in one row
+    x[1, 1, 2, 2] = -9.0
+    x = x.requires_grad_()
+    layer = LpBatchNorm(2, p=math.inf).double()
+    grad_out = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    layer(x).backward(grad_out)
+    x_ref = x.detach().clone().requires_grad_()
+    rows = x_ref.transpose(0, 1).reshape(2, -1)
+    mu, scale = rows.mean(1), rows.abs().amax(1)  # amax shares the gradient among ties
+    ((x_ref - bcast(mu, x_ref)) / (bcast(scale, x_ref) + 1e-5)).backward(grad_out)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)

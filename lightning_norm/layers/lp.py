@@ -36,27 +36,39 @@ def parse_p(p: float | int | str) -> float:
 class _LocalStats(torch.autograd.Function):
     """Per-channel ``sum x`` and ``sum |x|^p`` (``max |x|`` for p = inf) with a one-pass backward.
 
-    Autograd of ``x.sum`` + ``vector_norm`` would spend two full-size passes each on the way
-    back; ``d/dx = ds1 + dsp * p |x|^(p-1) sign(x)`` is one ``addcmul``. The backward is made of
-    differentiable ops, so double backward still works.
+    Autograd of ``x.sum`` + a norm would spend two full-size passes each on the way back;
+    ``d/dx = ds1 + dsp * p |x|^(p-1) sign(x)`` is one ``addcmul``. For p = inf the maximum is
+    taken per ``(n, c)`` row first (a contiguous reduction, much faster than one over
+    ``(N, *spatial)``), and the backward only scans the rows whose maximum is the channel's.
+    The backward is made of differentiable ops, so double backward still works.
     """
 
     @staticmethod
-    def forward(x: Tensor, p: float, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    def forward(x: Tensor, p: float, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
         dims = reduce_dims(x)
         s1 = x.sum(dims, dtype=acc)
-        norm = torch.linalg.vector_norm(x, p, dims, dtype=acc)
-        return s1, norm * norm if p == 2 else norm
+        if p == 2 and x.dtype in (torch.float32, torch.float64):
+            sp = (x * x).sum(dims)
+        elif p == math.inf:
+            rows = x.reshape(x.shape[0], x.shape[1], -1)
+            row_max = torch.maximum(rows.amax(-1), rows.amin(-1).neg())
+            return s1, row_max.amax(0).to(acc), row_max
+        else:
+            # Half precision: the norm accumulates in float32, so squares cannot overflow.
+            norm = torch.linalg.vector_norm(x, p, dims, dtype=acc)
+            sp = norm * norm if p == 2 else norm
+        return s1, sp, None
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, p, _ = inputs
         ctx.p = p
-        ctx.save_for_backward(x, output[1])
+        ctx.save_for_backward(x, output[1], output[2])
+        ctx.mark_non_differentiable(*(o for o in output[2:] if o is not None))
 
     @staticmethod
-    def backward(ctx, ds1: Tensor, dsp: Tensor):
-        x, sp = ctx.saved_tensors
+    def backward(ctx, ds1: Tensor, dsp: Tensor, _unused: Tensor | None = None):
+        x, sp, row_max = ctx.saved_tensors
         ds1 = channel_view(ds1.to(x.dtype), x)
         if ctx.p == 2:
             coef = 2 * dsp
@@ -65,16 +77,23 @@ class _LocalStats(torch.autograd.Function):
             coef = dsp
             direction = torch.sign(x)
         else:
-            # The gradient of max|x| goes to the few elements attaining it, shared among ties
-            # (as amax): a dense broadcast of ds1 plus a scatter at those elements only.
-            top = channel_view(sp.to(x.dtype), x)
-            where = (x.abs() == top).nonzero(as_tuple=True)
-            channel = where[1]
-            ties = torch.bincount(channel, minlength=x.shape[1]).clamp_min(1).to(dsp.dtype)
-            coef = (dsp / ties).to(x.dtype)[channel] * torch.sign(x[where])
-            dx = ds1.expand_as(x).clone(memory_format=torch.contiguous_format)
-            return dx.index_put(where, coef, accumulate=True), None, None
+            return _max_abs_backward(x, sp, row_max, ds1, dsp), None, None
         return torch.addcmul(ds1, direction, channel_view(coef.to(x.dtype), x)), None, None
+
+
+def _max_abs_backward(x: Tensor, top: Tensor, row_max: Tensor, ds1: Tensor, dsp: Tensor):
+    """``ds1`` broadcast, plus ``dsp`` at the elements attaining ``max |x|`` of their channel,
+    shared equally among ties (as ``torch.amax``). Only rows holding the maximum are scanned."""
+    n, c = x.shape[:2]
+    rows = x.reshape(n, c, -1)
+    top = top.to(x.dtype)
+    cand_n, cand_c = (row_max == top).nonzero(as_tuple=True)
+    hit_row, hit_pos = (rows[cand_n, cand_c].abs() == top[cand_c, None]).nonzero(as_tuple=True)
+    n_i, c_i = cand_n[hit_row], cand_c[hit_row]
+    ties = torch.bincount(c_i, minlength=c).clamp_min(1).to(dsp.dtype)
+    values = (dsp / ties).to(x.dtype)[c_i] * torch.sign(rows[n_i, c_i, hit_pos])
+    dx = ds1.reshape(1, c, 1).expand(n, c, rows.shape[-1]).clone()
+    return dx.index_put((n_i, c_i, hit_pos), values, accumulate=True).view(x.shape)
 
 
 class _ChannelAffine(torch.autograd.Function):
@@ -206,7 +225,8 @@ class LpBatchNorm(NormLayer):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         count = x.numel() // x.shape[1]
         if self.fused:
-            return (count, *_LocalStats.apply(x, self.p, acc))
+            s1, sp, _ = _LocalStats.apply(x, self.p, acc)
+            return count, s1, sp
         s1 = x.sum(dims, dtype=acc)
         if self.p == 1:
             sp = x.abs().sum(dims, dtype=acc)
