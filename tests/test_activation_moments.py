@@ -146,7 +146,8 @@ def _seeded_fit(callbacks):
     return model, torch.get_rng_state()
 
 
-def test_monitors_do_not_change_training_bit_for_bit():
+def test_monitors_do_not_change_training_bit_for_bit(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # seed_everything sets it; undo after the test
     bare, rng_bare = _seeded_fit([])
     monitored, rng_mon = _seeded_fit(
         [
@@ -371,7 +372,10 @@ class DDPNet(Classifier):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_ddp_moments_describe_the_global_batch_and_grad_norms_the_synced_grads(tmp_path):
+def test_ddp_moments_describe_the_global_batch_and_grad_norms_the_synced_grads(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # the sampler's seed is then 0
     logger = CSVLogger(tmp_path, name="csv", version=0)
     cbs = [
         ActivationMoments(num_units=4, quantile_samples=10_000),
