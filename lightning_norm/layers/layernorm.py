@@ -111,5 +111,10 @@ class LayerNormChannelsFirst(_AffineNorm):
                 "LayerNormChannelsFirst: with one channel every position normalizes to a "
                 "constant; use it on layers with several channels."
             )
+        # F.layer_norm needs channels last in memory; torch's channels_last copy is faster than
+        # the generic copy of a permuted view, and the output keeps that layout.
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
         y = F.layer_norm(x.movedim(1, -1), (self.num_channels,), self.weight, self.bias, self.eps)
         return y.movedim(-1, 1)
