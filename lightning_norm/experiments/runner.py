@@ -363,7 +363,9 @@ def _run_parallel(tasks: list[tuple[ReproduceConfig, str]], jobs: int) -> list[V
                     pending.discard(fut)
                     res = fut.result()  # re-raises a worker's error here
                     results[futures[fut]] = res
-                    bar.write(f"[{res.setup}] {res.variant} done in {res.seconds:.1f}s")
+                    c, v = tasks[futures[fut]]
+                    tag = f"[{c.setup} {list(c.variants).index(v) + 1}/{len(c.variants)}] {v}"
+                    bar.write(f"{tag} done in {res.seconds:.1f}s")
         finally:
             for fut in pending:
                 fut.cancel()
