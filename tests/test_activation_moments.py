@@ -137,6 +137,7 @@ def _seeded_fit(callbacks):
     model = Classifier(small_convnet(), momentum=0.9, n=64, batch_size=16)
     trainer = cpu_trainer(
         callbacks=callbacks,
+        logger=MemoryLogger(),
         max_steps=6,
         num_sanity_val_steps=1,
         limit_val_batches=1,

@@ -325,3 +325,13 @@ def test_checked_moments_fast_path_matches_and_flags_nonfinite():
             assert rows.var[j].item() == pytest.approx(var, rel=1e-4)
     x[0, 0] = float("inf")
     assert Moments.from_tensor_checked(x)[1] is False
+
+
+def test_subsampler_cache_is_bounded_for_varying_shapes():
+    from lightning_norm.stats.quantiles import MAX_CACHED_SHAPES
+
+    sub = Subsampler(8)
+    for n in range(1, 3 * MAX_CACHED_SHAPES):
+        v = sub.flat(torch.arange(float(n)))
+        assert v.shape == (8,) and not torch.isnan(v[: min(n, 8)]).any()
+    assert len(sub._cache) <= MAX_CACHED_SHAPES

@@ -41,6 +41,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -127,6 +128,16 @@ class MonitorCallback(Callback):
         self.sink = LogSink(trainer.loggers)
         self.is_global_zero = trainer.is_global_zero
 
+    def warn_if_no_logger(self, trainer: L.Trainer) -> None:
+        """Tell the user once (rank zero) that nothing will be written: no logger is attached."""
+        if not trainer.loggers:
+            rank_zero_warn(
+                f"{type(self).__name__} has no logger to write to (Trainer(logger=False)); its "
+                f"measurements are discarded. Attach one, e.g. "
+                f"Trainer(logger=TensorBoardLogger('logs')).",
+                category=UserWarning,
+            )
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.release()
 
@@ -145,7 +156,7 @@ class MonitorCallback(Callback):
         Only rank zero writes (Lightning's loggers ignore other ranks anyway); skipping the other
         ranks here also saves their host transfer.
         """
-        if self.sink is not None and metrics and self.is_global_zero:
+        if self.sink is not None and self.sink.loggers and metrics and self.is_global_zero:
             self.sink.log_scalars(metrics, step=step)
 
     def log_vector(self, names: list[str], values: Tensor, step: int) -> None:
@@ -154,7 +165,7 @@ class MonitorCallback(Callback):
         Cheaper than :meth:`log_scalars` with hundreds of 0-d tensors (each would be one more
         kernel when stacked); rank zero only.
         """
-        if self.sink is None or not self.is_global_zero or not names:
+        if self.sink is None or not self.sink.loggers or not self.is_global_zero or not names:
             return
         host = values.detach().float().reshape(-1).cpu().tolist()
         self.sink.log_scalars(dict(zip(names, host, strict=True)), step=step)

@@ -157,6 +157,7 @@ class ActivationMoments(MonitorCallback):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.warn_if_no_logger(trainer)
         self.recorder = ActivationRecorder(
             self.layers,
             num_units=self.num_units,

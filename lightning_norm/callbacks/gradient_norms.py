@@ -138,6 +138,7 @@ class GradientNorms(MonitorCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self.warn_if_no_logger(trainer)
         norms = ParameterNorms(pl_module, [(n or "root", m) for n, m in self.layers])
         if not norms.layer_names:
             raise ConfigurationError(

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+#: Position sets a Subsampler keeps (one per tensor size); the oldest is dropped beyond.
+MAX_CACHED_SHAPES = 64
 #: IS15 Fig. 1 plots these percentiles; S18 Fig. 1/2 reuse them.
 DEFAULT_QUANTILES: tuple[float, ...] = (0.15, 0.50, 0.85)
 
@@ -56,6 +58,9 @@ class Subsampler:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
                 idx = torch.randperm(n, generator=g)[: self.size].sort().values
             idx = idx.to(device)
+            if len(self._cache) >= MAX_CACHED_SHAPES:
+                # Variable shapes (sequence lengths, a short last batch) must not grow memory.
+                del self._cache[next(iter(self._cache))]
             self._cache[key] = idx
         return idx
 
