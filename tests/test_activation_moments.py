@@ -429,3 +429,17 @@ def test_ddp_moments_describe_the_global_batch_and_grad_norms_the_synced_grads(
     assert float(row["grad_norm/total"]) == pytest.approx(total, rel=1e-5)
     conv = math.sqrt(synced[0].pow(2).sum().item() + synced[1].pow(2).sum().item())
     assert float(row["grad_norm/net.0"]) == pytest.approx(conv, rel=1e-5)
+
+
+def test_log_spaced_schedule_logs_due_steps_with_deltas():
+    from lightning_norm.schedule import StepSchedule
+
+    logger = MemoryLogger()
+    cb = ActivationMoments(log_spaced=True, points_per_octave=2, num_units=2)
+    model = Classifier(n=160, batch_size=16)
+    cpu_trainer(callbacks=[cb], logger=logger, max_steps=10).fit(model)
+    logged = logger.by_step("activation/")
+    schedule = StepSchedule(1, log_spaced=True, points_per_octave=2)
+    assert sorted(logged) == [s for s in range(10) if schedule.is_due(s)] == [0, 1, 2, 3, 4, 6, 8]
+    for step in sorted(logged)[1:]:  # the step before each due step was recorded for the deltas
+        assert logged[step]["activation/net.1/delta_var"] >= 0

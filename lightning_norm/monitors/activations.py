@@ -195,7 +195,8 @@ class ActivationRecorder:
         if idx is None:
             idx = torch.tensor(units, dtype=torch.long, device=x.device)
             self._unit_index[key] = idx
-        rows = x.index_select(cdim, idx).movedim(cdim, 0)
+        # index_select on the moved-to-front dim writes the rows contiguously: one copy, not two
+        rows = x.movedim(cdim, 0).index_select(0, idx)
         return as_accumulation_dtype(rows.reshape(len(units), -1))
 
     def _record(self, name: str, x: Tensor) -> None:
