@@ -47,6 +47,27 @@ def test_reproduce_end_to_end_writes_logs_wandb_runs_and_the_report(tmp_path, ca
     for run in ("vgg/none", "vgg/batchnorm", "dln/batchnorm"):
         assert list((logdir / run).glob("events.out.tfevents.*"))
     assert len(list(logdir.rglob("run-*.wandb"))) == 3  # one offline W&B run per fit
+    from lightning_norm.report.reader import load_runs, read_wandb_run
+
+    # W&B copies are matched to their TensorBoard twins by (group, variant) and skipped
+    runs = load_runs(logdir)
+    assert sorted((r.group, r.variant, r.source) for r in runs) == [
+        ("dln", "batchnorm", "tensorboard"),
+        ("vgg", "batchnorm", "tensorboard"),
+        ("vgg", "none", "tensorboard"),
+    ]
+    wb = [read_wandb_run(p, logdir) for p in logdir.rglob("run-*.wandb")]
+    assert sorted((r.group, r.variant) for r in wb) == [
+        ("dln", "batchnorm"),
+        ("vgg", "batchnorm"),
+        ("vgg", "none"),
+    ]
+    tb = {(r.group, r.variant): r for r in runs}
+    for r in wb:  # the same numbers reach both loggers
+        s_tb, v_tb = tb[(r.group, r.variant)].get("train/loss")
+        s_wb, v_wb = r.get("train/loss")
+        assert s_wb.tolist() == s_tb.tolist()
+        assert v_wb == pytest.approx(v_tb, rel=1e-6)
     report = logdir / "report"
     html = (report / "report.html").read_text()
     pngs = sorted(report.glob("*.png"))
