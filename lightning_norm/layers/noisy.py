@@ -12,6 +12,26 @@ from lightning_norm.layers.base import NormLayer
 from lightning_norm.layers.batchnorm import BatchNorm
 
 
+class _ApplyNoise(torch.autograd.Function):
+    """``y = s * a + m`` written into ``m``'s buffer; the gradient is ``g * s`` (for ``a`` only).
+
+    Autograd of ``addcmul`` would multiply ``s`` by its scalar factor in a full-size pass before
+    multiplying by the gradient; here the backward is one multiplication and the forward
+    allocates nothing (``s`` and ``m`` are the layer's own fresh noise buffers).
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, s: Tensor, m: Tensor) -> Tensor:
+        ctx.save_for_backward(s)
+        ctx.mark_dirty(m)
+        return m.addcmul_(s, a)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (s,) = ctx.saved_tensors
+        return g * s, None, None
+
+
 class NoisyBatchNorm(NormLayer):
     """BatchNorm whose output gets fresh non-zero-mean, non-unit-scale noise every training step.
 
@@ -90,8 +110,7 @@ class NoisyBatchNorm(NormLayer):
             return a
         mu, sigma = self._unit_params(a)
         m, s = self._sample_noise(a, mu, sigma)
-        # In place into the fresh noise buffer: one full-size allocation fewer per step.
-        return m.addcmul_(s, a)
+        return _ApplyNoise.apply(a, s, m)
 
     def _unit_params(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """Per-unit ``mu_j ~ U(-n_mu, n_mu)`` and ``sigma_j ~ U(1, n_sigma)``, each ``(C,)``."""
