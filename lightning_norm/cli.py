@@ -149,6 +149,10 @@ def _report(logdir: str, out: str | None) -> int:
     result = build_report(logdir, out)
     for msg in result.messages:
         print(f"note: {msg}")
+    for group, found in result.findings.items():
+        for claim, ok, evidence in found:
+            verdict = "consistent" if ok else "NOT consistent"
+            print(f"[{group}] {verdict} with S18: {claim} ({evidence})")
     print(f"wrote {len(result.figures)} figure(s) and {result.html}")
     return 0
 

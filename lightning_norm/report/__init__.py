@@ -34,7 +34,7 @@ import numpy as np
 from lightning_norm.report.figures import FIGURES, Figure, label, order_runs, smooth
 from lightning_norm.report.reader import Run, load_runs
 
-__all__ = ["ReportResult", "build_report", "load_runs", "summarize"]
+__all__ = ["ReportResult", "build_report", "findings", "load_runs", "summarize"]
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ReportResult:
     figures: list[Path] = field(default_factory=list)
     summary: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    findings: dict[str, list[tuple[str, bool, str]]] = field(default_factory=dict)
 
 
 def _tail_mean(values: np.ndarray, frac: float = 0.1) -> float | None:
@@ -107,6 +108,104 @@ def summarize(run: Run) -> dict[str, float | None]:
     }
 
 
+def findings(summary: dict[str, dict[str, float | None]]) -> list[tuple[str, bool, str]]:
+    """S18's claims checked against one comparison's summary numbers.
+
+    Args:
+        summary: ``{variant: summarize(run)}`` of one group.
+
+    Returns:
+        ``(claim, consistent_with_S18, evidence)`` for every claim the logged data can decide;
+        claims without the data (e.g. no noisy-BN run) are left out. Speed is "steps to 90% train
+        accuracy" when accuracy was logged, else the final training loss.
+
+    Example::
+
+        for claim, ok, evidence in findings({r.variant: summarize(r) for r in runs}):
+            print(("consistent: " if ok else "NOT consistent: ") + claim, evidence)
+    """
+    out: list[tuple[str, bool, str]] = []
+    std, bn = summary.get("none"), summary.get("batchnorm")
+
+    def speed(s: dict[str, float | None]) -> tuple[float | None, str]:
+        if s.get("train_acc_end") is not None:
+            v = s.get("steps_to_90")
+            return (float("inf") if v is None else v), "steps to 90% train acc"
+        return s.get("train_loss_end"), "final train loss"
+
+    if std and bn:
+        for name in ("batchnorm", "noisy_bn"):
+            if name in summary:
+                a, what = speed(summary[name])
+                b, _ = speed(std)
+                if a is not None and b is not None:
+                    out.append(
+                        (
+                            f"{'BN' if name == 'batchnorm' else 'noisy BN'} trains faster than "
+                            "standard",
+                            a < b,
+                            f"{what}: {_fmt(a)} vs {_fmt(b)}",
+                        )
+                    )
+        if "noisy_bn" in summary:
+            a, b = summary["noisy_bn"].get("delta_mean"), std.get("delta_mean")
+            if a is not None and b is not None:
+                out.append(
+                    (
+                        "noisy BN's moment changes are larger than standard's",
+                        a > b,
+                        f"mean Δ mean {_fmt(a)} vs {_fmt(b)}; Δ var "
+                        f"{_fmt(summary['noisy_bn'].get('delta_var'))} vs "
+                        f"{_fmt(std.get('delta_var'))}",
+                    )
+                )
+        a, b = bn.get("ics_cosine"), std.get("ics_cosine")
+        if a is not None and b is not None:
+            la, lb = bn.get("ics_l2"), std.get("ics_l2")
+            out.append(
+                (
+                    "ICS is not lower with BN",
+                    a <= b or (la is not None and lb is not None and la >= lb),
+                    f"cos(G, G') {_fmt(a)} vs {_fmt(b)}; ‖G−G′‖ {_fmt(la)} vs {_fmt(lb)}",
+                )
+            )
+        keys = ("loss_range", "grad_pred_max", "beta_eff")
+        if all(bn.get(k) is not None and std.get(k) is not None for k in keys):
+            out.append(
+                (
+                    "loss range, gradient predictiveness and β_eff are lower with BN",
+                    all(bn[k] < std[k] for k in keys),
+                    "; ".join(f"{k} {_fmt(bn[k])} vs {_fmt(std[k])}" for k in keys),
+                )
+            )
+    if bn:
+        b, what = speed(bn)
+        for name, shown in (("lp1", "L1"), ("lp2", "L2"), ("lpinf", "L∞")):
+            if name in summary and b is not None:
+                a, _ = speed(summary[name])
+                if a is not None:
+                    # "comparably": within a factor of 2 of BN (or better)
+                    out.append(
+                        (
+                            f"{shown} trains comparably to BN",
+                            a <= 2 * b,
+                            f"{what}: {_fmt(a)} vs BN {_fmt(b)}",
+                        )
+                    )
+    return out
+
+
+def _findings_html(found: list[tuple[str, bool, str]]) -> str:
+    if not found:
+        return ""
+    items = "".join(
+        f"<li><b>{'consistent' if ok else 'not consistent'}</b> with S18: {html.escape(claim)} "
+        f"({html.escape(evidence)})</li>"
+        for claim, ok, evidence in found
+    )
+    return f"<h3>S18's findings on this run</h3><ul>{items}</ul>"
+
+
 _COLUMNS = (
     ("train_acc_end", "train acc (end)"),
     ("steps_to_90", "steps to 90% train acc"),
@@ -125,6 +224,8 @@ _COLUMNS = (
 def _fmt(x: float | None) -> str:
     if x is None:
         return "–"
+    if x != x or x in (float("inf"), float("-inf")):
+        return "never" if x == float("inf") else str(x)  # inf: a level never reached
     if x == int(x) and abs(x) >= 1:
         return str(int(x))
     return f"{x:.3g}"
@@ -205,6 +306,9 @@ def build_report(logdir: str | os.PathLike, out: str | os.PathLike | None = None
             + "</p>"
         )
         body.append(_table(members, summary))
+        found = findings({r.variant: summary[r.name] for r in members})
+        body.append(_findings_html(found))
+        result.findings[group] = found
         for make in FIGURES:
             fig: Figure = make(members, group)
             result.messages.extend(fig.messages)
