@@ -1,10 +1,11 @@
 """Train the S18 comparisons with lightning_norm's callbacks attached; used by the CLI.
 
-:func:`run_comparison` trains one setup (``"vgg"`` or ``"dln"``) once per normalization variant,
-each variant a separate Lightning fit from the same seed, logging to
-``<logdir>/<setup>/<variant>/`` (TensorBoard) and, with ``wandb=True``, to an offline W&B run in
-``<logdir>/wandb`` grouped by setup (``group="<setup>"``, run name = variant). Attached to every
-fit (when installed):
+:func:`run_comparison` / :func:`run_many` train each setup (``"vgg"`` or ``"dln"``) once per
+normalization variant, each variant a separate Lightning fit from the same seed, logging to
+``<logdir>/<setup>/<variant>/`` (TensorBoard; a previous run there is replaced) and, with
+``wandb=True``, to an offline W&B run in ``<logdir>/wandb`` grouped by setup
+(``group="<setup>"``, run name = variant, config ``norm`` = variant). ``jobs > 1`` runs that many
+fits at once in spawned processes. Attached to every fit (:func:`monitor_callbacks`):
 
 - :class:`~lightning_norm.callbacks.ActivationMoments` on the normalization slots (the outputs of
   the original BN positions, so every variant is measured at the same place; for ``"none"`` that
@@ -14,8 +15,9 @@ fit (when installed):
   :class:`~lightning_norm.callbacks.LossLandscape` (S18's step range: [1/2, 4] x lr for VGG,
   [1/100, 30] x lr for the DLN), every ``probe_every`` steps.
 
-A callback that is not available in the installed version is left out with a warning; the report
-then says which figures lack data.
+The DLN measures 4 slots and 4 layers spread over its depth (all 24 + 25 would log ~800 scalars
+a step). A callback that is not available in the installed version is left out with a warning;
+the report then says which figures lack data.
 """
 
 from __future__ import annotations
