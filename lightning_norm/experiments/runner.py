@@ -87,7 +87,15 @@ class ReproduceConfig:
             torch's default.
         hessian: also log the top Hessian eigenvalue at each landscape probe (beyond S18;
             off by default: 20 Hessian-vector products per probe cost more than the rest).
-        extra_callbacks: more callbacks for every fit.
+        extra_callbacks: more callbacks for every fit (picklable when ``jobs > 1``).
+
+    Raises:
+        ConfigurationError: from :meth:`resolved` (called by the runners before any fit).
+
+    Example::
+
+        cfg = ReproduceConfig(setup="vgg", variants=["none", "noisy_bn"], steps=100)
+        run_comparison(cfg)
     """
 
     setup: str = "vgg"
@@ -136,6 +144,8 @@ class ReproduceConfig:
             ("steps", steps),
             ("batch_size", self.batch_size),
             ("monitor_every", monitor_every),
+            ("probe_every", self.probe_every or 1),
+            ("val_every", self.val_every or 1),
         ):
             if value < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {value}.")
