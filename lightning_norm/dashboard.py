@@ -8,8 +8,9 @@ first time, (re)writes for each attached logger:
 - **TensorBoard**: a custom-scalars layout (the "Custom Scalars" tab) with one category per
   group. In a category: one multi-line chart per metric holding every layer
   (``^activation/[^/]+/std$``), and one per layer holding that layer's metrics
-  (``^activation/net\\.features\\.1/(mean|p15|...)$``); sampled-unit metrics
-  (``unit<j>_<stat>``) get their own per-layer chart so they do not swamp the layer summary.
+  (``^activation/net\\.features\\.1/(mean|p15|...)$``); indexed families (sampled units
+  ``unit<j>_<stat>``, landscape curve points ``curve_eta_<i>``/``curve_loss_<i>``) get one
+  per-layer chart each, so they do not swamp the summaries.
   Two-part groups get one chart with every layer. TensorBoard reads the last layout a run wrote
   and merges the layouts of all runs in a log directory, so runs compared side by side share
   one dashboard.
@@ -42,7 +43,23 @@ import torch
 #: The W&B step metric every lightning_norm metric is plotted against.
 WANDB_STEP_METRIC = "trainer/global_step"
 
-_UNIT = re.compile(r"^unit\d+_")
+#: Indexed families of metrics: sampled units (``unit<j>_<stat>``) and the loss(eta) curve points
+#: of a landscape probe (``curve_eta_<i>``, ``curve_loss_<i>``). Each family gets one chart per
+#: layer instead of one chart per member.
+_FAMILIES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("sampled units", re.compile(r"^unit\d+_.+$"), r"unit\d+_.+"),
+    ("curve_eta_<i>", re.compile(r"^curve_eta_\d+$"), r"curve_eta_\d+"),
+    ("curve_loss_<i>", re.compile(r"^curve_loss_\d+$"), r"curve_loss_\d+"),
+)
+
+
+def _family(metric: str | None) -> int | None:
+    if metric is None:
+        return None
+    for i, (_, pattern, _) in enumerate(_FAMILIES):
+        if pattern.match(metric):
+            return i
+    return None
 
 
 def _rank() -> int:
@@ -95,7 +112,7 @@ def tensorboard_layout(names: Iterable[str]) -> dict[str, dict[str, list[Any]]]:
     for group in sorted(groups):
         g = re.escape(group)
         charts = layout.setdefault(group, {})
-        metrics = sorted({m for ms in groups[group].values() for m in ms if not _UNIT.match(m)})
+        metrics = sorted({m for ms in groups[group].values() for m in ms if _family(m) is None})
         for metric in metrics:
             charts[f"{group} · {metric} (all layers)"] = [
                 "Multiline",
@@ -103,15 +120,14 @@ def tensorboard_layout(names: Iterable[str]) -> dict[str, dict[str, list[Any]]]:
             ]
         for layer in sorted(groups[group]):
             lay = re.escape(layer)
-            own = sorted(m for m in groups[group][layer] if not _UNIT.match(m))
+            own = sorted(m for m in groups[group][layer] if _family(m) is None)
             if own:
                 alt = "|".join(re.escape(m) for m in own)
                 charts[f"{group} · {layer}"] = ["Multiline", [rf"^{g}/{lay}/({alt})$"]]
-            if any(_UNIT.match(m) for m in groups[group][layer]):
-                charts[f"{group} · {layer} · sampled units"] = [
-                    "Multiline",
-                    [rf"^{g}/{lay}/unit\d+_.+$"],
-                ]
+            present = {_family(m) for m in groups[group][layer]} - {None}
+            for i in sorted(present):
+                title, _, regex = _FAMILIES[i]
+                charts[f"{group} · {layer} · {title}"] = ["Multiline", [rf"^{g}/{lay}/{regex}$"]]
     return layout
 
 
@@ -133,8 +149,9 @@ class _Dashboard:
                 continue
             self.names.add(name)
             group, layer, metric = parsed
-            # a new sampled unit changes no regex, so it does not trigger a rewrite
-            kind = "unit" if metric is not None and _UNIT.match(metric) else (metric or "")
+            # a new member of a family (unit, curve point) changes no regex: no rewrite
+            fam = _family(metric)
+            kind = f"family{fam}" if fam is not None else (metric or "")
             key = (group, layer, kind)
             if key not in self.keys:
                 new_keys.add(key)

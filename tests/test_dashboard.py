@@ -47,12 +47,31 @@ NAMES = [
     "grad_norm/total",
     "ics/net.features.0/l2",
     "ics/net.features.0/cosine",
+    "landscape/total/beta_eff",
+    "landscape/total/curve_eta_0",
+    "landscape/total/curve_eta_1",
+    "landscape/total/curve_loss_0",
+    "landscape/total/curve_loss_1",
 ]
 
 
 def test_layout_regexes_select_exactly_the_intended_names():
     layout = tensorboard_layout(NAMES)
-    assert sorted(layout) == ["activation", "grad_norm", "ics"]
+    assert sorted(layout) == ["activation", "grad_norm", "ics", "landscape"]
+    # curve points: one chart per family, not one per point
+    assert sorted(layout["landscape"]) == [
+        "landscape · beta_eff (all layers)",
+        "landscape · total",
+        "landscape · total · curve_eta_<i>",
+        "landscape · total · curve_loss_<i>",
+    ]
+    assert matching(layout["landscape"]["landscape · total · curve_loss_<i>"][1], NAMES) == {
+        "landscape/total/curve_loss_0",
+        "landscape/total/curve_loss_1",
+    }
+    assert matching(layout["landscape"]["landscape · total"][1], NAMES) == {
+        "landscape/total/beta_eff"
+    }
     act = layout["activation"]
     # one chart per metric with every layer; per layer one chart with its metrics
     assert matching(act["activation · mean (all layers)"][1], NAMES) == {
