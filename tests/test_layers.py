@@ -282,8 +282,9 @@ def test_layernorm_per_sample_over_all_dims(shape, affine):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_layernorm_channels_first_per_position(shape):
-    layer = LayerNormChannelsFirst(4).double()
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm_channels_first_per_position(shape, affine):
+    layer = LayerNormChannelsFirst(4, affine=affine).double()
     randomize_affine(layer)
     x = data(shape)
 
@@ -295,8 +296,9 @@ def test_layernorm_channels_first_per_position(shape):
                 yield (n, slice(None), *pos)
 
     expected = ref_norm_over(x, positions, layer.weight, layer.bias, 1e-5)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
-    if x.dim() == 2:
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), expected, rtol=1e-10, atol=1e-10)
+    if x.dim() == 2 and affine:
         ln = nn.LayerNorm(4).double()
         ln.load_state_dict(layer.state_dict())
         torch.testing.assert_close(layer(x), ln(x))
@@ -304,9 +306,10 @@ def test_layernorm_channels_first_per_position(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("groups", [1, 2, None])
-def test_groupnorm_per_sample_per_group(shape, groups):
+@pytest.mark.parametrize("affine", [True, False])
+def test_groupnorm_per_sample_per_group(shape, groups, affine):
     c = 4
-    layer = GroupNorm(c, num_groups=groups).double()
+    layer = GroupNorm(c, num_groups=groups, affine=affine).double()
     randomize_affine(layer)
     g = layer.num_groups
     assert g == (groups or math.gcd(c, 32))
@@ -321,7 +324,8 @@ def test_groupnorm_per_sample_per_group(shape, groups):
             layer(x)
         return
     expected = ref_norm_over(x, sample_groups, layer.weight, layer.bias, 1e-5)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_groupnorm_group_choice_and_errors():
