@@ -81,12 +81,36 @@ class Subsampler:
         return v
 
 
+def sort_last(samples: Tensor) -> Tensor:
+    """``samples`` sorted along the last dim, NaN last (on the CPU through NumPy's SIMD sort).
+
+    NumPy's sort is about 8x faster than ``torch.sort`` on the CPU for rows of ~1000 floats,
+    the percentile step's main cost; both order NaN after every number.
+    """
+    if samples.device.type == "cpu" and samples.dtype in (torch.float32, torch.float64):
+        try:
+            import numpy as np
+
+            return torch.from_numpy(np.sort(samples.detach().contiguous().numpy(), axis=-1))
+        except (ImportError, RuntimeError, TypeError):  # no NumPy, or a tensor it cannot view
+            pass
+    return torch.sort(samples, dim=-1).values
+
+
 def percentiles(samples: Tensor, q: Sequence[float] = DEFAULT_QUANTILES) -> Tensor:
     """Percentiles of ``samples`` along the last dim, NaN ignored: shape ``(*rows, len(q))``.
 
-    Linear interpolation between order statistics (``torch.quantile``'s default). A row with no
+    Linear interpolation between order statistics, ``torch.quantile``'s default: with ``n``
+    non-NaN values sorted into ``v``, ``pos = q (n - 1)`` and the result is
+    ``v[floor(pos)] + (v[floor(pos) + 1] - v[floor(pos)]) * (pos - floor(pos))``. A row with no
     value gives NaN.
     """
-    qs = torch.tensor(list(q), dtype=samples.dtype, device=samples.device)
-    out = torch.nanquantile(samples, qs, dim=-1)
-    return out.movedim(0, -1)
+    s = sort_last(samples)
+    qs = torch.tensor(list(q), dtype=s.dtype, device=s.device)
+    last = (~torch.isnan(s)).sum(-1, keepdim=True) - 1  # index of the largest number per row
+    pos = qs * last.clamp(min=0).to(s.dtype)
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, last.clamp(min=0))
+    v_lo, v_hi = s.gather(-1, lo), s.gather(-1, hi)
+    out = v_lo + (v_hi - v_lo) * (pos - lo.to(s.dtype))
+    return torch.where(last >= 0, out, torch.full_like(out, float("nan")))
