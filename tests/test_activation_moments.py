@@ -443,3 +443,19 @@ def test_log_spaced_schedule_logs_due_steps_with_deltas():
     assert sorted(logged) == [s for s in range(10) if schedule.is_due(s)] == [0, 1, 2, 3, 4, 6, 8]
     for step in sorted(logged)[1:]:  # the step before each due step was recorded for the deltas
         assert logged[step]["activation/net.1/delta_var"] >= 0
+
+
+def test_two_instances_coexist_in_one_trainer_and_checkpoint(tmp_path):
+    a = ActivationMoments(num_units=1, seed=0)
+    b = ActivationMoments(num_units=2, seed=1, capture="input", every_n_steps=2)
+    logger = MemoryLogger()
+    trainer = cpu_trainer(callbacks=[a, b], logger=logger, max_steps=2)
+    trainer.fit(Classifier())
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    saved = torch.load(tmp_path / "two.ckpt", weights_only=False)["callbacks"]
+    assert saved[a.state_key] == a.state_dict() and saved[b.state_key] == b.state_dict()
+    assert len(saved[a.state_key]["units"]["net.1"]) == 1
+    assert len(saved[b.state_key]["units"]["net.1"]) == 2
+    # both wrote under the same names at step 0 (same layers); the output one alone at step 1
+    steps = [step for step, m in logger.rows if "activation/net.1/mean" in m]
+    assert steps == [0, 0, 1]
