@@ -28,7 +28,7 @@ forward per point under ``torch.no_grad``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -128,10 +128,13 @@ def _acc_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _sq_norm(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    if not tensors:
-        return torch.zeros((), dtype=dtype)
-    return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) ** 2 for t in tensors]).sum()
+def _sq_norm_of(tensors: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
+    """Squared L2 norm of the concatenation, consuming one tensor at a time."""
+    total: Tensor | None = None
+    for t in tensors:
+        sq = torch.linalg.vector_norm(t, dtype=dtype) ** 2
+        total = sq if total is None else total + sq
+    return total if total is not None else torch.zeros((), dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -292,7 +295,8 @@ def gradient_landscape(
                 f"{tuple(wi.shape)}."
             )
     acc = _acc_dtype(w)
-    dir_norm = _sq_norm([gi * scale.get(n, 1.0) for n, gi in zip(names, g, strict=True)], acc)
+    # Norms accumulate tensor by tensor, so no second parameter-sized buffer is ever held.
+    dir_norm = _sq_norm_of(((gi * scale.get(n, 1.0)) for n, gi in zip(names, g, strict=True)), acc)
     dir_norm = dir_norm.sqrt()
 
     losses, diffs, step_norms = [], [], []
@@ -305,10 +309,10 @@ def gradient_landscape(
             }
             loss, grads = loss_and_grad(point)
             del point
-            diff = [gi - grads[n] for n, gi in zip(names, g, strict=True)]
+            diffs.append(
+                _sq_norm_of((gi - grads[n] for n, gi in zip(names, g, strict=True)), acc).sqrt()
+            )
             del grads
-            diffs.append(_sq_norm(diff, acc).sqrt())
-            del diff
             losses.append(loss.detach().reshape(()).to(acc))
             step_norms.append(abs(eta) * dir_norm)
     loss_t = torch.stack(losses)
