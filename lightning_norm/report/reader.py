@@ -3,8 +3,8 @@
 A *run* is one training run (one variant of one comparison). :func:`load_runs` finds every run
 under a log directory:
 
-- a directory holding ``events.out.tfevents.*`` files is a TensorBoard run, read with
-  TensorBoard's ``EventAccumulator`` (every scalar kept, no down-sampling). Its *group* is the
+- a directory holding ``events.out.tfevents.*`` files is a TensorBoard run, read record by record
+  with TensorBoard's event-file loader (every scalar kept, no down-sampling). Its *group* is the
   parent directory relative to the log directory (``vgg`` for ``LOGDIR/vgg/batchnorm``), its
   *variant* the ``norm`` hyper-parameter of Lightning's ``hparams.yaml`` when present, else
   the directory name.
@@ -75,17 +75,38 @@ def _hparams_norm(run_dir: Path) -> str | None:
 
 
 def read_tensorboard_run(run_dir: str | os.PathLike, logdir: str | os.PathLike) -> Run:
-    """Every scalar of the TensorBoard event files in ``run_dir`` (one run)."""
-    from tensorboard.backend.event_processing import event_accumulator as ea
+    """Every scalar of the TensorBoard event files in ``run_dir`` (one run).
+
+    Reads the event files record by record with TensorBoard's ``RawEventFileLoader`` (about
+    twice as fast as ``EventAccumulator``, which also keeps every value here: no reservoir
+    sampling). Scalars written as ``simple_value`` (``SummaryWriter.add_scalar``, Lightning's
+    TensorBoardLogger) and as scalar-plugin tensors are both read. Files are read in name
+    (= creation time) order and, where a resumed run repeats a step, the last value wins.
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.util import tensor_util
 
     run_dir, logdir = Path(run_dir), Path(logdir)
-    acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
-    acc.Reload()
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    scalar_tensors: set[str] = set()
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for raw in RawEventFileLoader(str(path)).Load():
+            event = event_pb2.Event.FromString(raw)
+            for value in event.summary.value:
+                kind = value.WhichOneof("value")
+                if kind == "simple_value":
+                    series[value.tag][event.step] = float(value.simple_value)
+                elif kind == "tensor":
+                    # the plugin name travels only with a tag's first value
+                    if value.metadata.plugin_data.plugin_name == "scalars":
+                        scalar_tensors.add(value.tag)
+                    if value.tag in scalar_tensors:
+                        arr = tensor_util.make_ndarray(value.tensor)
+                        if arr.size == 1:
+                            series[value.tag][event.step] = float(arr.reshape(()))
     scalars = {}
-    for tag in acc.Tags().get("scalars", []):
-        events = acc.Scalars(tag)
-        # a resumed run may repeat steps; keep the last value written for each step
-        by_step = {e.step: e.value for e in events}
+    for tag, by_step in series.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
         scalars[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
     rel = run_dir.relative_to(logdir) if run_dir != logdir else Path(run_dir.name)
