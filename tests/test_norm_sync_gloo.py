@@ -8,7 +8,6 @@ quickly (they import this module).
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -111,7 +110,6 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 
 @pytest.mark.ddp
 def test_synchronized_layers_are_exact_over_two_gloo_processes(tmp_path):
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     mp.spawn(_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
 
 
