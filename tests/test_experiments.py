@@ -172,6 +172,11 @@ def test_cifar10_without_torchvision_says_how_to_fix(monkeypatch):
     monkeypatch.delitem(sys.modules, "torchvision", raising=False)
     with pytest.raises(ConfigurationError, match="pip install torchvision"):
         CIFAR10DataModule("unused").prepare_data()
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigurationError, match="pip install torchvision"):
+        ReproduceConfig(dataset="cifar10").resolved()  # before anything trains
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,11 @@ class ReproduceConfig:
         unknown = [v for v in variants if v not in known]
         if unknown:
             raise ConfigurationError(f"Unknown variant(s) {unknown}; choose from {sorted(known)}.")
+        if vgg and self.dataset == "cifar10":
+            import importlib.util
+
+            if importlib.util.find_spec("torchvision") is None:
+                CIFAR10DataModule._torchvision()  # raises the error that says how to fix it
         if len(set(variants)) != len(variants):
             raise ConfigurationError(f"Variants repeat: {list(variants)}.")
         return replace(
