@@ -335,3 +335,39 @@ def test_subsampler_cache_is_bounded_for_varying_shapes():
         v = sub.flat(torch.arange(float(n)))
         assert v.shape == (8,) and not torch.isnan(v[: min(n, 8)]).any()
     assert len(sub._cache) <= MAX_CACHED_SHAPES
+
+
+@pytest.mark.parametrize("case", ["offset", "channels_last", "channel_last_dim", "no_units"])
+def test_recorder_paths_agree_with_brute_force(case):
+    """The CPU channels-first fast path (incl. its ill-conditioned fallback) and the generic one."""
+    torch.manual_seed(0)
+    if case == "channel_last_dim":
+        module, x, cdim = nn.LayerNorm(6), torch.randn(4, 5, 6) * 2 + 3, -1
+    else:
+        module, x, cdim = nn.Conv2d(3, 6, 3, padding=1), torch.randn(4, 3, 5, 5), 1
+        if case == "offset":
+            with torch.no_grad():
+                module.bias.fill_(1e3)  # mean^2 >> var: the raw sums would lose every digit
+        if case == "channels_last":
+            module = module.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+    num_units = 0 if case == "no_units" else 3
+    rec = ActivationRecorder(
+        [("m", module)], num_units=num_units, channel_dim=cdim, quantile_samples=5000
+    )
+    rec.attach()
+    rec.arm(FULL)
+    out = module(x).detach().double()
+    s = rec.compute()["m"]
+    flat = out.flatten().tolist()
+    mean, var = ref_moments(flat)
+    assert s.whole.mean.item() == pytest.approx(mean, rel=1e-6, abs=1e-6)
+    assert s.whole.var.item() == pytest.approx(var, rel=1e-4)
+    assert s.quantiles[1].item() == pytest.approx(ref_quantile(flat, 0.5), rel=1e-5)
+    assert len(s.units) == num_units
+    for j, unit in enumerate(s.units):
+        vals = out.select(cdim, unit).flatten().tolist()
+        mean, var = ref_moments(vals)
+        assert s.unit_moments.mean[j].item() == pytest.approx(mean, rel=1e-6, abs=1e-6)
+        assert s.unit_moments.var[j].item() == pytest.approx(var, rel=1e-4)
+        assert s.unit_quantiles[j, 0].item() == pytest.approx(ref_quantile(vals, 0.15), rel=1e-5)

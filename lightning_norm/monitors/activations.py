@@ -184,22 +184,34 @@ class ActivationRecorder:
             self.units[name] = units
         return units
 
+    def _unit_index_for(self, name: str, width: int, device: torch.device) -> Tensor:
+        key = (name, str(device))
+        idx = self._unit_index.get(key)
+        if idx is None:
+            units = self._choose_units(name, width)
+            idx = torch.tensor(units, dtype=torch.long, device=device)
+            self._unit_index[key] = idx
+        return idx
+
     def _unit_rows(self, name: str, x: Tensor) -> Tensor | None:
         """``(units, values)``: the sampled units of ``x`` as rows (a copy of ``k/C`` of ``x``)."""
         if x.dim() < 2 or self.num_units == 0:
             return None
         cdim = self.channel_dim % x.dim()
-        units = self._choose_units(name, x.shape[cdim])
-        key = (name, str(x.device))
-        idx = self._unit_index.get(key)
-        if idx is None:
-            idx = torch.tensor(units, dtype=torch.long, device=x.device)
-            self._unit_index[key] = idx
+        idx = self._unit_index_for(name, x.shape[cdim], x.device)
         # index_select on the moved-to-front dim writes the rows contiguously: one copy, not two
         rows = x.movedim(cdim, 0).index_select(0, idx)
-        return as_accumulation_dtype(rows.reshape(len(units), -1))
+        return as_accumulation_dtype(rows.reshape(len(idx), -1))
 
     def _record(self, name: str, x: Tensor) -> None:
+        if (
+            x.device.type == "cpu"
+            and x.dim() >= 2
+            and self.channel_dim % x.dim() == 1
+            and x.is_contiguous()
+        ):
+            self._record_cpu_channels_first(name, x)
+            return
         acc = self._acc.setdefault(name, _Accumulator())
         rows = self._unit_rows(name, x)
         if rows is not None:
@@ -232,6 +244,66 @@ class ActivationRecorder:
             if rows is not None:
                 keep = min(rows.shape[1], self.subsampler.size)
                 acc.unit_samples.append(self.subsampler.rows(rows)[:, :keep])
+        if self.histogram_bins is not None and name not in self.histograms:
+            self.histograms[name] = Histogram.from_tensor(xf, self.histogram_bins)
+
+    def _record_cpu_channels_first(self, name: str, x: Tensor) -> None:
+        """CPU fast path for ``(N, C, ...)`` tensors: one pass gives every channel's raw sums.
+
+        The whole tensor's sums and the sampled units' follow from the per-channel ``sum(x)``
+        and ``sum(x^2)`` without copying the units out. Reading the finiteness and conditioning
+        flags costs no device sync on the CPU; ill-conditioned groups (``mean^2 >= 99 var``) are
+        recomputed with the shifted algorithm, and non-finite values counted only if present.
+        """
+        acc = self._acc.setdefault(name, _Accumulator())
+        full = self.mode == FULL
+        xf = as_accumulation_dtype(x)
+        n_batch, width = xf.shape[0], xf.shape[1]
+        x3 = xf.view(n_batch, width, -1)
+        per_unit = n_batch * x3.shape[2]
+        s1c = x3.sum(2).sum(0)
+        s2c = torch.linalg.vector_norm(x3, dim=2).square().sum(0)
+        checks = [torch.isfinite(s2c).all()]
+        idx = None
+        if self.num_units > 0:
+            idx = self._unit_index_for(name, width, xf.device)
+            us1, us2 = s1c.index_select(0, idx), s2c.index_select(0, idx)
+            um2 = us2 - us1 * us1 / per_unit
+            checks.append((um2 >= us2 / 100).all())
+        if full:
+            n = xf.numel()
+            s1, s2 = s1c.sum(), s2c.sum()
+            m2 = s2 - s1 * s1 / n
+            checks.append(m2 >= s2 / 100)
+        flags = torch.stack(checks).tolist()
+        finite = bool(flags[0])
+        if idx is not None:
+            if finite and not flags[1]:
+                rows = xf.movedim(1, 0).index_select(0, idx).reshape(len(idx), -1)
+                um = Moments.from_tensor(rows, dim=1, scratch=self._scratch)
+            else:
+                um = Moments(
+                    torch.full_like(us1, float(per_unit)), us1 / per_unit, um2.clamp(min=0)
+                )
+            acc.units = um if acc.units is None else acc.units.merge(um)
+        if not full:
+            return
+        if finite and not flags[-1]:
+            wm = Moments.from_tensor(xf, scratch=self._scratch)
+        else:
+            wm = Moments(s1.new_tensor(float(n)), s1 / n, m2.clamp(min=0))
+        acc.whole = wm if acc.whole is None else acc.whole.merge(wm)
+        bad = torch.zeros((), dtype=torch.long) if finite else n - torch.isfinite(xf).sum()
+        acc.nonfinite = bad if acc.nonfinite is None else acc.nonfinite + bad
+        if len(acc.samples) < MAX_CHUNKS:
+            keep = min(n, self.subsampler.size)
+            acc.samples.append(self.subsampler.flat(xf)[:keep])
+            if idx is not None:
+                # the same (n, position) pairs as the generic path's rows, read in place
+                pos = self.subsampler.positions(per_unit, xf.device)
+                at_n, at_s = pos // x3.shape[2], pos % x3.shape[2]
+                picked = x3[at_n[:, None], idx[None, :], at_s[:, None]]
+                acc.unit_samples.append(picked.t().float())
         if self.histogram_bins is not None and name not in self.histograms:
             self.histograms[name] = Histogram.from_tensor(xf, self.histogram_bins)
 
