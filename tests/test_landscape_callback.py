@@ -415,3 +415,23 @@ def test_parameter_groups_move_by_their_own_lr():
         assert rel_close(metrics[f"landscape/total/curve_loss_{i}"], loss)
         betas.append(norm(g - g_eta) / norm(step))
     assert rel_close(metrics["landscape/total/beta_eff"], max(betas))
+
+
+def test_bf16_autocast_probe_runs_and_leaves_no_trace(tmp_path):
+    def fit(callbacks):
+        L.seed_everything(0)
+        model = Classifier(small_convnet(width=4), lr=0.1, momentum=0.9, batch_size=8, n=32)
+        logger = MemoryLogger()
+        trainer = cpu_trainer(
+            max_steps=3, logger=logger, callbacks=callbacks, precision="bf16-mixed"
+        )
+        trainer.fit(model)
+        return model.state_dict(), logger.landscape()
+
+    cb = LossLandscape(every_n_steps=1, hessian=True, hessian_iters=3, save_dir=str(tmp_path / "s"))
+    with_cb, logged = fit([cb])
+    without, _ = fit([])
+    for k in without:
+        assert torch.equal(with_cb[k], without[k]), k
+    assert sorted(logged) == [0, 1, 2]
+    assert all(math.isfinite(v) for m in logged.values() for v in m.values())
