@@ -220,3 +220,17 @@ def test_fp16_amp_gradients_are_read_unscaled():
     logged = logger.by_step("grad_norm/")[0]["grad_norm/total"]
     assert logged == pytest.approx(ref, rel=1e-2)  # not 1024x (the loss scale) larger
     assert logged == pytest.approx(norm(model.grads[0].values()), rel=1e-6)
+
+
+def test_activation_deltas_with_two_manual_optimizers():
+    """global_step advances by 2 per batch: the batch before a due step is still recorded."""
+    from lightning_norm.callbacks import ActivationMoments
+
+    torch.manual_seed(0)
+    logger = MemoryLogger()
+    cb = ActivationMoments(every_n_steps=4, num_units=2)
+    cpu_trainer(callbacks=[cb], logger=logger, max_steps=10).fit(TwoOptimizers())
+    logged = logger.by_step("activation/")
+    assert sorted(logged) == [0, 4, 8]
+    assert "activation/net.1/delta_mean" not in logged[0]
+    assert "activation/net.1/delta_mean" in logged[8]  # batch at step 6 recorded (stride 2)
