@@ -236,8 +236,8 @@ def test_slices_match_brute_force_and_reach_tensorboard(tmp_path):
     )
     trainer.fit(model)
     data = cb.last_slice
-    assert data is not None and data["step"] == 2 and data["batch_step"] == 1
-    rec = recorder.steps[1]
+    assert data is not None and data["step"] == 2 and data["batch_step"] == 0
+    rec = recorder.steps[0]  # the last probed step's batch, with the final parameters
     x, y = rec["batch"]
     # The direction, drawn plainly: Gaussian per parameter from the callback's seeded stream,
     # each row of a matrix rescaled to the row's norm, vectors (biases, BN affines) zero.

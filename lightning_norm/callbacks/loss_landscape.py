@@ -98,8 +98,8 @@ class LossLandscape(MonitorCallback):
     training mode (BN batch statistics, the loss the optimizer descends; PyHessian's eval mode
     gives the inference function's curvature instead), optionally Hutchinson's trace; and at
     ``slice_steps`` and at the end of fit, the loss along a filter-normalized random direction
-    (Li et al. 2018) and optionally a 2-D slice, on the step's batch (at the end: the last
-    training batch).
+    (Li et al. 2018) and optionally a 2-D slice, on the step's batch (at the end of fit: the
+    final parameters on the last probed step's batch).
 
     Nothing the model learns changes: parameters are never written, BN buffers, ``.grad``,
     optimizer state, the random streams and logged metrics are as without the callback, and the
@@ -141,7 +141,8 @@ class LossLandscape(MonitorCallback):
         hessian_tol: stop when two successive estimates differ by at most this fraction.
         hessian_trace_samples: Rademacher vectors for Hutchinson's trace (0: not logged).
         slice_steps: optimizer steps at which to log random-direction slices.
-        slice_at_end: also log slices at the end of fit (final parameters, last batch).
+        slice_at_end: also log slices at the end of fit (final parameters, the last probed
+            step's batch and random draws).
         slice_2d: add a 2-D slice (two directions) to each 1-D slice.
         slice_range: ``(low, high)`` of the slice coordinates (units of the filter norms).
         slice_points: points of the 1-D slice (>= 2); the 2-D slice uses ``slice_points_2d``
@@ -294,8 +295,9 @@ class LossLandscape(MonitorCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.slice_at_end or self.is_due(step) or step in self.slice_steps:
-            # Only a reference to the batch and the RNG state; the end-of-fit slice reuses it.
+        if self.is_due(step) or step in self.slice_steps:
+            # A reference to the batch and the RNG state, kept until the next capture: the
+            # end-of-fit slice replays the last probed batch (step 0 is always due).
             self._capture = capture_step(trainer, batch, batch_idx)
 
     def on_before_optimizer_step(
