@@ -23,20 +23,10 @@ import time
 import torch
 from torch import nn
 
-from lightning_norm.layers import create_norm
+from lightning_norm.layers import available_norms, create_norm
 
-LAYERS = [
-    "batchnorm",
-    "noisy_bn",
-    "lp1",
-    "lp2",
-    "lpinf",
-    "layernorm",
-    "layernorm_cf",
-    "groupnorm",
-    "instancenorm",
-    "frozen_bn",
-]
+#: Every registered layer but "none" and "lp" (which is "lp2" with a free ``p``).
+LAYERS = [name for name in available_norms() if name not in ("none", "lp")]
 
 
 def build(shape: tuple[int, ...]) -> dict[str, nn.Module]:

@@ -25,7 +25,6 @@ from lightning_norm.errors import (
     ConfigurationError,
     SelectionError,
     SurgeryError,
-    UnknownNormError,
 )
 from lightning_norm.layers.base import NormLayer
 from lightning_norm.selection import NameFilter, _check_filter, _matches
@@ -257,31 +256,13 @@ def check_target(to: Any) -> None:
 
     A string must be a registered name (:func:`lightning_norm.layers.available_norms`, matched
     as the registry matches: case, ``-`` and ``_`` ignored); anything else must be a class or a
-    callable factory.
+    callable factory. The registry's :func:`~lightning_norm.layers.registry.resolve_norm` decides.
 
     Raises:
         UnknownNormError: an unregistered name (the message lists the registered ones).
         ConfigurationError: ``to`` is neither a string nor callable.
     """
-    if isinstance(to, str):
-        registry = _registry()
-        names = list(registry.available_norms())
-        key = getattr(registry, "_key", _name_key)
-        if key(to) not in {key(n) for n in names}:
-            raise UnknownNormError(
-                f"Unknown normalization {to!r}. Choose one of: {', '.join(sorted(names))}; or "
-                f"pass an nn.Module class or a factory, or register your own with register_norm."
-            )
-        return
-    if not callable(to):
-        raise ConfigurationError(
-            f"`to` must be a registered normalization name, an nn.Module class or a factory "
-            f"`(num_channels, *, source, **options) -> nn.Module`, got {to!r}."
-        )
-
-
-def _name_key(name: str) -> str:
-    return name.strip().lower().replace("-", "").replace("_", "").replace(" ", "")
+    _registry().resolve_norm(to)
 
 
 def _check_not_compiled(model: nn.Module, bn_names: Sequence[str]) -> None:
@@ -341,13 +322,10 @@ def _transfer(old: nn.Module, new: nn.Module, options: dict[str, Any]) -> list[s
     if callable(load):
         names = list(load(old))
     else:
-        names = []
-        with torch.no_grad():
-            for n in _BN_STATE:
-                src, dst = getattr(old, n, None), getattr(new, n, None)
-                if isinstance(src, Tensor) and isinstance(dst, Tensor) and src.shape == dst.shape:
-                    dst.copy_(src)
-                    names.append(n)
+        # Deferred like _registry(): the layers are imported by the time anything is built.
+        from lightning_norm.layers._common import copy_matching
+
+        names = copy_matching(new, old, _BN_STATE)
     has_stats = isinstance(getattr(new, "running_mean", None), Tensor)
     for s in _BN_SETTINGS:
         if s in options or s in names or not hasattr(new, s) or not hasattr(old, s):

@@ -42,6 +42,28 @@ def randomize_affine(module: nn.Module, seed: int = 1) -> None:
                 t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
 
 
+#: What a layer that keeps everything of a BatchNorm reports from ``load_from_batchnorm``.
+ALL_BN_STATE = [
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "eps",
+    "momentum",
+]
+
+
+def trained_bn(momentum: float, batches: int, eps: float = 1e-3) -> nn.BatchNorm2d:
+    """A 3-channel BatchNorm2d with non-default settings, affine values and running stats."""
+    bn = nn.BatchNorm2d(3, eps=eps, momentum=momentum)
+    randomize_affine(bn)
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    bn.running_var.copy_(torch.tensor([1.5, 0.2, 3.0]))
+    bn.num_batches_tracked.fill_(batches)
+    return bn
+
+
 def data(shape, seed=0, shift=0.7):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + shift).requires_grad_()
@@ -227,22 +249,10 @@ def test_lp_batchnorm_p_parsing_and_errors():
 
 
 def test_lp_batchnorm_load_from_batchnorm():
-    bn = nn.BatchNorm2d(3, eps=1e-3, momentum=0.2)
-    randomize_affine(bn)
-    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    bn.running_var.copy_(torch.tensor([1.5, 0.2, 3.0]))
-    bn.num_batches_tracked.fill_(7)
+    bn = trained_bn(momentum=0.2, batches=7)
     lp2 = LpBatchNorm(3, p=2)
     got = lp2.load_from_batchnorm(bn)
-    assert got == [
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "num_batches_tracked",
-        "eps",
-        "momentum",
-    ]
+    assert got == ALL_BN_STATE
     torch.testing.assert_close(lp2.weight, bn.weight)
     torch.testing.assert_close(lp2.running_scale, torch.sqrt(bn.running_var + bn.running_mean**2))
     assert (lp2.eps, lp2.momentum, int(lp2.num_batches_tracked)) == (1e-3, 0.2, 7)

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_norm.errors import ConfigurationError
 from lightning_norm.layers import NoisyBatchNorm
+from tests.test_layers import ALL_BN_STATE, trained_bn
 
 C = 256
 
@@ -147,21 +148,10 @@ def test_gradients_flow_through_the_noise_scale():
 
 
 def test_load_from_batchnorm_and_errors():
-    bn = nn.BatchNorm2d(3, eps=1e-3, momentum=0.3)
-    with torch.no_grad():
-        bn.weight.uniform_(), bn.running_var.uniform_(1, 2)
-    bn.num_batches_tracked.fill_(5)
+    bn = trained_bn(momentum=0.3, batches=5)
     layer = NoisyBatchNorm(3)
     got = layer.load_from_batchnorm(bn)
-    assert got == [
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "num_batches_tracked",
-        "eps",
-        "momentum",
-    ]
+    assert got == ALL_BN_STATE
     for k, v in bn.state_dict().items():
         torch.testing.assert_close(layer.bn.state_dict()[k], v)
     assert (layer.bn.eps, layer.bn.momentum) == (1e-3, 0.3)

@@ -23,6 +23,7 @@ from lightning_norm.layers import (
     create_norm,
     register_norm,
     registry,
+    resolve_norm,
 )
 
 REQUIRED = [
@@ -81,6 +82,36 @@ def test_unknown_name_lists_choices():
     for name in REQUIRED:
         assert name in str(err.value)
     assert isinstance(err.value, LightningNormError) and isinstance(err.value, KeyError)
+
+
+def test_resolve_norm_finds_the_factory_without_building():
+    assert resolve_norm("Noisy-BN") is resolve_norm("noisy_bn")
+    assert resolve_norm(GroupNorm) is GroupNorm
+    factory = functools.partial(GroupNorm, num_groups=2)
+    assert resolve_norm(factory) is factory
+    with pytest.raises(UnknownNormError, match="groupnorm"):
+        resolve_norm("weightnorm")
+    with pytest.raises(ConfigurationError, match=r"nn\.Module class or a factory"):
+        resolve_norm(3)
+
+
+def test_signature_lookup_is_cached_per_factory():
+    facts = registry._cached_signature_facts
+    create_norm("groupnorm", 8)
+    before = facts.cache_info()
+    for _ in range(3):
+        create_norm("groupnorm", 8)
+    after = facts.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (3, 0)
+
+    # an unhashable callable still works, just without the cache
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, num_channels, *, eps=1e-5, source=None):
+            return nn.GroupNorm(1, num_channels, eps=eps)
+
+    assert create_norm(Unhashable(), 4, eps=1e-3).eps == 1e-3
 
 
 def test_options_are_checked_before_building():

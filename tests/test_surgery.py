@@ -19,6 +19,7 @@ from lightning_norm.errors import (
     SurgeryError,
     UnknownNormError,
 )
+from lightning_norm.layers import available_norms
 from lightning_norm.layers.base import NormLayer
 from lightning_norm.models import VGGLike
 from lightning_norm.surgery import SwapOptionsError, SwapReport, is_batchnorm, swap_norms
@@ -133,19 +134,8 @@ def images(n: int = 6, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-TARGETS = [
-    "batchnorm",
-    "frozen_bn",
-    "groupnorm",
-    "none",
-    "noisy_bn",
-    "lp1",
-    "lp2",
-    "lpinf",
-    "layernorm",
-    "layernorm_cf",
-    "instancenorm",
-]
+#: Every built-in target (the registry's names before any test registers its own).
+TARGETS = available_norms()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,12 +593,18 @@ def test_class_and_factory_targets(registry):
 
 
 def test_groupnorm_degenerate_case_surfaces(registry):
-    """One channel per group on (N, C) input: the groupnorm layer refuses it, visibly."""
+    """One channel per group on (N, C) input: the swap warns, the groupnorm layer refuses it."""
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    swap_norms(model, "groupnorm")  # automatic choice: gcd(2, 32) = 2 groups of one channel
+    # automatic choice: gcd(2, 32) = 2 groups of one channel
+    with pytest.warns(UserWarning, match=r"gcd\(2, 32\) = 2 leaves one channel per group"):
+        swap_norms(model, "groupnorm")
     with pytest.raises(ConfigurationError, match="num_groups"):
         model(torch.randn(4, 3))
-    swap_norms(
-        model := nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), "groupnorm", num_groups=1
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit count, or two channels per group: silent
+        swap_norms(
+            model := nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), "groupnorm", num_groups=1
+        )
+        swap_norms(nn.Sequential(nn.Linear(3, 64), nn.BatchNorm1d(64)), "groupnorm")
+        swap_norms(nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)), "groupnorm")
     assert torch.isfinite(model(torch.randn(4, 3))).all()

@@ -11,7 +11,12 @@ from lightning_norm.layers.instancenorm import InstanceNorm
 from lightning_norm.layers.layernorm import LayerNorm, LayerNormChannelsFirst
 from lightning_norm.layers.lp import LpBatchNorm
 from lightning_norm.layers.noisy import NoisyBatchNorm
-from lightning_norm.layers.registry import available_norms, create_norm, register_norm
+from lightning_norm.layers.registry import (
+    available_norms,
+    create_norm,
+    register_norm,
+    resolve_norm,
+)
 
 __all__ = [
     "BatchNorm",
@@ -26,4 +31,5 @@ __all__ = [
     "available_norms",
     "create_norm",
     "register_norm",
+    "resolve_norm",
 ]

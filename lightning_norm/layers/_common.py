@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norm.errors import ConfigurationError
+from lightning_norm.layers.base import NormLayer
 
 
 def check_input(layer: nn.Module, x: Tensor, num_channels: int, min_dim: int = 2) -> None:
@@ -44,16 +45,42 @@ def check_channels(num_channels: int, cls: type) -> int:
     return num_channels
 
 
-def copy_affine(layer: nn.Module, bn: _BatchNorm) -> list[str]:
-    """Copy ``weight``/``bias`` from ``bn`` into ``layer`` where both have them, same shape."""
+def copy_matching(
+    layer: nn.Module, src: nn.Module, names: tuple[str, ...] = ("weight", "bias")
+) -> list[str]:
+    """Copy each of ``names`` from ``src`` into ``layer`` where both hold a tensor of one shape.
+
+    Returns:
+        The names copied, in the order of ``names``.
+    """
     done = []
     with torch.no_grad():
-        for name in ("weight", "bias"):
-            src, dst = getattr(bn, name, None), getattr(layer, name, None)
-            if isinstance(src, Tensor) and isinstance(dst, Tensor) and src.shape == dst.shape:
-                dst.copy_(src)
+        for name in names:
+            s, d = getattr(src, name, None), getattr(layer, name, None)
+            if isinstance(s, Tensor) and isinstance(d, Tensor) and s.shape == d.shape:
+                d.copy_(s)
                 done.append(name)
     return done
+
+
+def init_affine(layer: nn.Module, num_channels: int, affine: bool) -> None:
+    """Give ``layer`` learnable per-channel ``weight`` (ones) and ``bias`` (zeros), or ``None``."""
+    if affine:
+        layer.weight = nn.Parameter(torch.ones(num_channels))
+        layer.bias = nn.Parameter(torch.zeros(num_channels))
+    else:
+        layer.register_parameter("weight", None)
+        layer.register_parameter("bias", None)
+
+
+def refuse_constant(layer: nn.Module, degenerate: bool, x: Tensor, per: str, fix: str) -> None:
+    """Refuse ``x`` where each set the layer normalizes holds one value (``degenerate``): the
+    output would be the constant ``beta``. ``per`` names the set, ``fix`` says what to do."""
+    if degenerate:
+        raise ConfigurationError(
+            f"{type(layer).__name__}: the input {tuple(x.shape)} has a single value per {per}, "
+            f"which normalizes to a constant. {fix}"
+        )
 
 
 def check_source_bn(layer: nn.Module, bn: nn.Module) -> None:
@@ -67,3 +94,80 @@ def check_source_bn(layer: nn.Module, bn: nn.Module) -> None:
             f"{type(layer).__name__} has {layer.num_channels} channels but the BatchNorm has "
             f"{bn.num_features}; build the layer with num_channels={bn.num_features}."
         )
+
+
+class TorchNormAdapter:
+    """Mixin for our subclasses of torch's ``_BatchNorm``/``_InstanceNorm``.
+
+    torch's constructor arguments with ``num_channels`` first and checked, ``num_channels`` as
+    an alias of ``num_features``, and :func:`check_input` as the rank check (inputs of at least
+    ``min_input_dim`` dimensions). ``track_running_stats=None`` takes the class's
+    ``default_track_running_stats`` (torch's default for that kind of norm).
+    """
+
+    min_input_dim = 2
+    default_track_running_stats = True
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        check_channels(num_channels, type(self))
+        if track_running_stats is None:
+            track_running_stats = self.default_track_running_stats
+        super().__init__(  # type: ignore[call-arg]
+            num_channels, eps, momentum, affine, track_running_stats, device, dtype
+        )
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_features  # type: ignore[attr-defined]
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_input(self, input, self.num_channels, self.min_input_dim)  # type: ignore[arg-type]
+
+
+class AffineFromBatchNorm:
+    """Mixin: ``load_from_batchnorm`` for per-sample norms, which take only BN's weight and bias."""
+
+    def load_from_batchnorm(self, bn: _BatchNorm) -> list[str]:
+        """Copy ``bn``'s per-channel ``weight`` and ``bias`` (if both are affine).
+
+        BN's running statistics and eps mean nothing for a per-sample normalization.
+
+        Returns:
+            The names of ``bn``'s state that were copied.
+        """
+        check_source_bn(self, bn)  # type: ignore[arg-type]
+        return copy_matching(self, bn)  # type: ignore[arg-type]
+
+
+class AffineNorm(AffineFromBatchNorm, NormLayer):
+    """Base of the per-sample norms: ``num_channels``, ``eps``, optional per-channel affine.
+
+    ``forward`` checks the input's shape and hands it to the subclass's ``_normalize``.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.num_channels = check_channels(num_channels, type(self))
+        if not float(eps) >= 0:
+            raise ConfigurationError(f"{type(self).__name__}: `eps` must be >= 0, got {eps!r}.")
+        self.eps, self.affine = float(eps), bool(affine)
+        init_affine(self, num_channels, self.affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self, x, self.num_channels)
+        return self._normalize(x)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"

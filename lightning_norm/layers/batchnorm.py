@@ -7,15 +7,17 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norm.layers._common import (
+    TorchNormAdapter,
     channel_view,
     check_channels,
     check_input,
     check_source_bn,
+    copy_matching,
 )
 from lightning_norm.layers.base import NormLayer
 
 
-class BatchNorm(_BatchNorm, NormLayer):
+class BatchNorm(TorchNormAdapter, _BatchNorm, NormLayer):
     """Batch normalization that accepts ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` and 3-D input.
 
     Exactly :class:`torch.nn.BatchNorm2d` (IS15) without the rank check, so one class replaces
@@ -29,7 +31,7 @@ class BatchNorm(_BatchNorm, NormLayer):
         eps: added to the variance.
         momentum: running-estimate update factor (``None``: cumulative average).
         affine: learnable ``gamma`` (``weight``) and ``beta`` (``bias``).
-        track_running_stats: keep ``running_mean``/``running_var`` for eval.
+        track_running_stats: keep ``running_mean``/``running_var`` for eval (``None``: yes).
 
     Raises:
         ConfigurationError: input of rank < 2 or > 5, or with the wrong channel count.
@@ -39,26 +41,6 @@ class BatchNorm(_BatchNorm, NormLayer):
         bn = BatchNorm(16)
         bn(torch.randn(8, 16)), bn(torch.randn(8, 16, 5, 5))
     """
-
-    def __init__(
-        self,
-        num_channels: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
-        check_channels(num_channels, type(self))
-        super().__init__(num_channels, eps, momentum, affine, track_running_stats, device, dtype)
-
-    @property
-    def num_channels(self) -> int:
-        return self.num_features
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        check_input(self, input, self.num_features)
 
 
 class FrozenBatchNorm(NormLayer):
@@ -106,16 +88,8 @@ class FrozenBatchNorm(NormLayer):
             The names of ``bn``'s state that were copied.
         """
         check_source_bn(self, bn)
-        done = []
-        with torch.no_grad():
-            if self.affine and bn.affine:
-                self.weight.copy_(bn.weight)
-                self.bias.copy_(bn.bias)
-                done += ["weight", "bias"]
-            if bn.running_mean is not None and bn.running_var is not None:
-                self.running_mean.copy_(bn.running_mean)
-                self.running_var.copy_(bn.running_var)
-                done += ["running_mean", "running_var"]
+        names = ("weight", "bias") if self.affine else ()
+        done = copy_matching(self, bn, (*names, "running_mean", "running_var"))
         self.eps = float(bn.eps)
         return [*done, "eps"]
 

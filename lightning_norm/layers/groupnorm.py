@@ -8,14 +8,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_norm.errors import ConfigurationError
-from lightning_norm.layers._common import check_input
-from lightning_norm.layers.layernorm import _AffineNorm
+from lightning_norm.layers._common import AffineNorm, refuse_constant
 
 #: The automatic group count is ``gcd(num_channels, DEFAULT_GROUPS)`` (Wu & He 2018 use 32).
 DEFAULT_GROUPS = 32
 
 
-class GroupNorm(_AffineNorm):
+class GroupNorm(AffineNorm):
     """Group normalization: each sample over groups of ``C / G`` channels and all positions.
 
     For sample ``n`` and group ``g`` (channels ``c`` in the group, all positions):
@@ -63,15 +62,14 @@ class GroupNorm(_AffineNorm):
             )
         self.num_groups = num_groups
 
-    def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.num_channels)
-        if (self.num_channels // self.num_groups) * (x[0, 0].numel()) == 1:
-            raise ConfigurationError(
-                f"GroupNorm: with {self.num_groups} groups of {self.num_channels} channels each "
-                f"group of the input {tuple(x.shape)} holds a single value per sample, so the "
-                f"output would be constant. Pass a smaller `num_groups` (e.g. 1, LayerNorm) for "
-                f"(N, C) input."
-            )
+    def _normalize(self, x: Tensor) -> Tensor:
+        refuse_constant(
+            self,
+            (self.num_channels // self.num_groups) * x[0, 0].numel() == 1,
+            x,
+            f"sample and group ({self.num_groups} groups of {self.num_channels} channels)",
+            "Pass a smaller `num_groups` (e.g. 1, LayerNorm) for (N, C) input.",
+        )
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_norm.errors import ConfigurationError
-from lightning_norm.layers._common import check_channels, check_input, check_source_bn, copy_affine
+from lightning_norm.layers._common import AffineFromBatchNorm, TorchNormAdapter, refuse_constant
 from lightning_norm.layers.base import NormLayer
 
 
-class InstanceNorm(_InstanceNorm, NormLayer):
+class InstanceNorm(TorchNormAdapter, AffineFromBatchNorm, _InstanceNorm, NormLayer):
     """Instance normalization: each sample and channel over its positions, for any spatial rank.
 
     ``y[n, c] = gamma_c * (x[n, c] - E[x[n, c]]) / sqrt(Var[x[n, c]] + eps) + beta_c`` with the
@@ -26,7 +24,8 @@ class InstanceNorm(_InstanceNorm, NormLayer):
         momentum: running-estimate factor when ``track_running_stats``.
         affine: learnable per-channel ``weight`` (ones) and ``bias`` (zeros); torch's default is
             ``False``, ours ``True`` since it replaces an affine BatchNorm.
-        track_running_stats: keep running statistics and use them in eval (torch semantics).
+        track_running_stats: keep running statistics and use them in eval (torch semantics;
+            ``None``: no, torch's default).
 
     Raises:
         ConfigurationError: ``(N, C)`` input, input of the wrong rank or channel count.
@@ -37,31 +36,18 @@ class InstanceNorm(_InstanceNorm, NormLayer):
         y = inorm(torch.randn(8, 64, 16, 16))
     """
 
-    def __init__(
-        self,
-        num_channels: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
-        check_channels(num_channels, type(self))
-        super().__init__(num_channels, eps, momentum, affine, track_running_stats, device, dtype)
-
-    @property
-    def num_channels(self) -> int:
-        return self.num_features
+    min_input_dim = 3
+    default_track_running_stats = False
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() == 2:
-            raise ConfigurationError(
-                f"InstanceNorm: (N, C) input {tuple(input.shape)} has one value per sample and "
-                f"channel, which normalizes to a constant. Use LayerNorm or GroupNorm for "
-                f"features without positions."
-            )
-        check_input(self, input, self.num_features, min_dim=3)
+        refuse_constant(
+            self,
+            input.dim() == 2,
+            input,
+            "sample and channel",
+            "Use LayerNorm or GroupNorm for (N, C) input (features without positions).",
+        )
+        super()._check_input_dim(input)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -75,12 +61,3 @@ class InstanceNorm(_InstanceNorm, NormLayer):
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
         )
-
-    def load_from_batchnorm(self, bn: _BatchNorm) -> list[str]:
-        """Copy ``bn``'s per-channel ``weight`` and ``bias`` (if both are affine).
-
-        Returns:
-            The names of ``bn``'s state that were copied.
-        """
-        check_source_bn(self, bn)
-        return copy_affine(self, bn)

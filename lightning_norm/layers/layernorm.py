@@ -5,50 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_norm.errors import ConfigurationError
-from lightning_norm.layers._common import (
-    check_channels,
-    check_input,
-    check_source_bn,
-    copy_affine,
-)
-from lightning_norm.layers.base import NormLayer
+from lightning_norm.layers._common import AffineNorm, refuse_constant
 
 
-class _AffineNorm(NormLayer):
-    """Shared construction: ``num_channels``, ``eps``, optional per-channel weight and bias."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
-        super().__init__()
-        self.num_channels = check_channels(num_channels, type(self))
-        if not float(eps) >= 0:
-            raise ConfigurationError(f"{type(self).__name__}: `eps` must be >= 0, got {eps!r}.")
-        self.eps, self.affine = float(eps), bool(affine)
-        if self.affine:
-            self.weight = torch.nn.Parameter(torch.ones(num_channels))
-            self.bias = torch.nn.Parameter(torch.zeros(num_channels))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-    def load_from_batchnorm(self, bn: _BatchNorm) -> list[str]:
-        """Copy ``bn``'s per-channel ``weight`` and ``bias`` (if both are affine).
-
-        BN's running statistics and eps mean nothing for a per-sample normalization.
-
-        Returns:
-            The names of ``bn``'s state that were copied.
-        """
-        check_source_bn(self, bn)
-        return copy_affine(self, bn)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
-
-
-class LayerNorm(_AffineNorm):
+class LayerNorm(AffineNorm):
     """Layer normalization of each sample over all its channels and positions.
 
     For a sample ``x`` of shape ``(C, *spatial)`` (Ba et al. 2016, as in ``science.md`` §3):
@@ -72,17 +33,14 @@ class LayerNorm(_AffineNorm):
         y = ln(torch.randn(8, 64, 16, 16))
     """
 
-    def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.num_channels)
-        if x[0].numel() == 1:
-            raise ConfigurationError(
-                f"LayerNorm: each sample of the input {tuple(x.shape)} has a single value, which "
-                f"normalizes to a constant. Use it where samples have several values."
-            )
+    def _normalize(self, x: Tensor) -> Tensor:
+        refuse_constant(
+            self, x[0].numel() == 1, x, "sample", "Use it where samples have several values."
+        )
         return F.group_norm(x, 1, self.weight, self.bias, self.eps)
 
 
-class LayerNormChannelsFirst(_AffineNorm):
+class LayerNormChannelsFirst(AffineNorm):
     """Layer normalization over the channels at each position (timm's ``LayerNorm2d``, any rank).
 
     For every sample ``n`` and position ``p``: ``y[n, :, p] = gamma * (x[n, :, p] - mean_c) /
@@ -104,13 +62,14 @@ class LayerNormChannelsFirst(_AffineNorm):
         y = ln2d(torch.randn(8, 64, 16, 16))
     """
 
-    def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.num_channels)
-        if self.num_channels == 1:
-            raise ConfigurationError(
-                "LayerNormChannelsFirst: with one channel every position normalizes to a "
-                "constant; use it on layers with several channels."
-            )
+    def _normalize(self, x: Tensor) -> Tensor:
+        refuse_constant(
+            self,
+            self.num_channels == 1,
+            x,
+            "position",
+            "Use it on layers with more than one channel.",
+        )
         # F.layer_norm needs channels last in memory; torch's channels_last copy is faster than
         # the generic copy of a permuted view, and the output keeps that layout.
         fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())

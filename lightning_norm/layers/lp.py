@@ -14,7 +14,8 @@ from lightning_norm.layers._common import (
     check_channels,
     check_input,
     check_source_bn,
-    copy_affine,
+    copy_matching,
+    init_affine,
     reduce_dims,
 )
 from lightning_norm.layers.base import NormLayer
@@ -183,12 +184,7 @@ class LpBatchNorm(NormLayer):
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         #: Use the hand-written fused backward (False: plain autograd, the reference path).
         self.fused = True
-        if self.affine:
-            self.weight = torch.nn.Parameter(torch.ones(num_channels))
-            self.bias = torch.nn.Parameter(torch.zeros(num_channels))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, num_channels, self.affine)
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_channels))
             self.register_buffer("running_scale", torch.ones(num_channels))
@@ -280,7 +276,7 @@ class LpBatchNorm(NormLayer):
             The names of ``bn``'s state that were used.
         """
         check_source_bn(self, bn)
-        done = copy_affine(self, bn) if self.affine else []
+        done = copy_matching(self, bn)
         if self.track_running_stats and bn.running_mean is not None:
             with torch.no_grad():
                 self.running_mean.copy_(bn.running_mean)

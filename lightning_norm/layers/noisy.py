@@ -7,7 +7,12 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norm.errors import ConfigurationError
-from lightning_norm.layers._common import channel_view, check_channels, check_source_bn
+from lightning_norm.layers._common import (
+    channel_view,
+    check_channels,
+    check_source_bn,
+    copy_matching,
+)
 from lightning_norm.layers.base import NormLayer
 from lightning_norm.layers.batchnorm import BatchNorm
 
@@ -145,13 +150,8 @@ class NoisyBatchNorm(NormLayer):
             The names of ``bn``'s state that were copied.
         """
         check_source_bn(self, bn)
-        done = []
-        with torch.no_grad():
-            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-                src, dst = getattr(bn, name, None), getattr(self.bn, name, None)
-                if isinstance(src, Tensor) and isinstance(dst, Tensor) and src.shape == dst.shape:
-                    dst.copy_(src)
-                    done.append(name)
+        state = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        done = copy_matching(self.bn, bn, state)
         self.bn.eps, self.bn.momentum = bn.eps, bn.momentum
         return [*done, "eps", "momentum"]
 

@@ -8,7 +8,9 @@ take its input rank and BatchNorm settings (eps, momentum, affine, track_running
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_norm.errors import ConfigurationError, UnknownNormError
 from lightning_norm.layers.batchnorm import BatchNorm, FrozenBatchNorm
-from lightning_norm.layers.groupnorm import GroupNorm
+from lightning_norm.layers.groupnorm import DEFAULT_GROUPS, GroupNorm
 from lightning_norm.layers.instancenorm import InstanceNorm
 from lightning_norm.layers.layernorm import LayerNorm, LayerNormChannelsFirst
 from lightning_norm.layers.lp import LpBatchNorm
@@ -32,6 +34,37 @@ _NAMES: dict[str, str] = {}  # normalized key -> the name as registered
 
 def _key(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+def resolve_norm(to: NormTarget) -> NormFactory:
+    """The factory that ``to`` stands for, without building anything.
+
+    A name is looked up as :func:`create_norm` does (case, ``-``, ``_`` and spaces ignored); a
+    class or callable is returned as it is. Surgery calls it to check ``to`` before it changes
+    a model.
+
+    Raises:
+        UnknownNormError: ``to`` is a name that is not registered (the message lists them).
+        ConfigurationError: ``to`` is neither a string nor callable.
+
+    Example::
+
+        resolve_norm("Noisy-BN")  # the factory registered as "noisy_bn"
+    """
+    if isinstance(to, str):
+        fn = _REGISTRY.get(_key(to))
+        if fn is None:
+            raise UnknownNormError(
+                f"Unknown normalization {to!r}. Registered: {', '.join(available_norms())}. "
+                f"Pass one of these, an nn.Module class, a factory, or register_norm() your own."
+            )
+        return fn
+    if callable(to):
+        return to
+    raise ConfigurationError(
+        f"`to` must be a registered name, an nn.Module class or a factory "
+        f"`(num_channels, *, source, **options) -> nn.Module`, got {type(to).__name__} {to!r}."
+    )
 
 
 def available_norms() -> list[str]:
@@ -89,29 +122,37 @@ def register_norm(
     return decorator if factory is None else decorator(factory)
 
 
-def _accepted(fn: Callable[..., Any]) -> tuple[list[str], bool]:
-    """Keyword names ``fn`` accepts besides ``num_channels``/``source``, and whether it takes
-    ``**kwargs``."""
+def _signature_facts(fn: Callable[..., Any]) -> tuple[tuple[str, ...], bool, bool]:
+    """``(options, takes **kwargs, takes source)`` of ``fn``, cached where ``fn`` is hashable.
+
+    ``options``: the keyword names ``fn`` accepts besides ``num_channels``/``source``.
+    ``inspect.signature`` costs about as much as building a small layer, and surgery asks once
+    per replaced module, so the answer is kept per factory.
+    """
+    try:
+        return _cached_signature_facts(fn)
+    except TypeError:  # unhashable callable
+        return _signature_facts_uncached(fn)
+
+
+def _signature_facts_uncached(fn: Callable[..., Any]) -> tuple[tuple[str, ...], bool, bool]:
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return [], True
+        return (), True, False
+    takes_source = any(p.name == "source" for p in params)
     if inspect.isclass(fn) and params and params[0].name == "self":
         params = params[1:]
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
-    names = [
+    names = tuple(
         p.name
         for p in params[1:]
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "source"
-    ]
-    return names, var_kw
+    )
+    return names, var_kw, takes_source
 
 
-def _takes_source(fn: Callable[..., Any]) -> bool:
-    try:
-        return "source" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+_cached_signature_facts = functools.lru_cache(maxsize=256)(_signature_facts_uncached)
 
 
 def create_norm(
@@ -144,22 +185,9 @@ def create_norm(
         create_norm("groupnorm", 64, num_groups=8)
         create_norm("batchnorm", 64, source=noisy_layer)
     """
-    if isinstance(to, str):
-        fn = _REGISTRY.get(_key(to))
-        if fn is None:
-            raise UnknownNormError(
-                f"Unknown normalization {to!r}. Registered: {', '.join(available_norms())}. "
-                f"Pass one of these, an nn.Module class, a factory, or register_norm() your own."
-            )
-        label = repr(to)
-    elif callable(to):
-        fn, label = to, getattr(to, "__name__", repr(to))
-    else:
-        raise ConfigurationError(
-            f"`to` must be a registered name, an nn.Module class or a factory, got "
-            f"{type(to).__name__} {to!r}."
-        )
-    names, var_kw = _accepted(fn)
+    fn = resolve_norm(to)
+    label = repr(to) if isinstance(to, str) else getattr(to, "__name__", repr(to))
+    names, var_kw, takes_source = _signature_facts(fn)
     unknown = sorted(set(options) - set(names))
     if unknown and not var_kw:
         raise ConfigurationError(
@@ -167,7 +195,7 @@ def create_norm(
             f"{', '.join(names) or 'no options'}."
         )
     kwargs = dict(options)
-    if _takes_source(fn):
+    if takes_source:
         kwargs["source"] = source
     module = fn(num_channels, **kwargs)
     if not isinstance(module, nn.Module):
@@ -267,6 +295,27 @@ def _build_instancenorm(num_channels: int, source: nn.Module | None, **kwargs: A
     return cls(num_channels, **kwargs)
 
 
+def _build_groupnorm(num_channels: int, source: nn.Module | None, **kwargs: Any) -> nn.Module:
+    """GroupNorm; warns where the automatic group count leaves one channel per group on a
+    ``BatchNorm1d`` source, whose ``(N, C)`` input would then normalize to a constant."""
+    layer = GroupNorm(num_channels, **kwargs)
+    if (
+        kwargs.get("num_groups") is None
+        and isinstance(source, nn.BatchNorm1d)
+        and layer.num_groups == num_channels
+    ):
+        warnings.warn(
+            f"GroupNorm replacing a BatchNorm1d of {num_channels} channels: the automatic "
+            f"num_groups = gcd({num_channels}, {DEFAULT_GROUPS}) = {layer.num_groups} leaves "
+            f"one channel per group, so on (N, C) input every group holds a single value and "
+            f"the forward pass refuses it. Pass num_groups (e.g. num_groups=1, LayerNorm) or "
+            f"exclude this layer.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return layer
+
+
 register_norm("batchnorm", _make(BatchNorm, _BN_OPTS, build=_build_batchnorm))
 register_norm("noisy_bn", _make(NoisyBatchNorm, _BN_OPTS))
 register_norm("lp", _make(LpBatchNorm, _BN_OPTS))
@@ -275,7 +324,7 @@ register_norm("lp2", _make(LpBatchNorm, _BN_OPTS, {"p": 2}))
 register_norm("lpinf", _make(LpBatchNorm, _BN_OPTS, {"p": float("inf")}))
 register_norm("layernorm", _make(LayerNorm, ("affine",)))
 register_norm("layernorm_cf", _make(LayerNormChannelsFirst, ("affine",)))
-register_norm("groupnorm", _make(GroupNorm, ("affine",)))
+register_norm("groupnorm", _make(GroupNorm, ("affine",), build=_build_groupnorm))
 register_norm("instancenorm", _make(InstanceNorm, ("affine",), build=_build_instancenorm))
 register_norm("frozen_bn", _make(FrozenBatchNorm, ("eps", "affine")))
 
