@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_norm.probes.replay import is_replaying
 from lightning_norm.sink import Histogram
 from lightning_norm.stats import (
     DEFAULT_QUANTILES,
@@ -160,7 +161,8 @@ class ActivationRecorder:
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if self.mode is None:
+            # A probe's replayed forward (ICS, landscape) is not the training step's activation.
+            if self.mode is None or is_replaying():
                 return
             value = output if self.capture == "output" else (args[0] if args else None)
             if isinstance(value, (tuple, list)):

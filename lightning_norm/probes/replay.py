@@ -15,6 +15,8 @@ same precision context. :class:`StepReplay` does that with :func:`torch.func.fun
 - gradients come from :func:`torch.autograd.grad` on fresh leaves, so no ``.grad`` is touched.
 - optionally, the loss and gradients are averaged across processes (``reduce``), for probes that
   run outside DDP's reducer.
+- while a replay's forward pass runs, :func:`is_replaying` is true, so forward hooks that
+  measure the real step (``ActivationRecorder``) can ignore the probes' passes.
 
 No Lightning import; :mod:`lightning_norm.callbacks._probe` adapts it to a Trainer.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -38,12 +41,33 @@ __all__ = [
     "RngState",
     "StepReplay",
     "all_reduce_mean",
+    "is_replaying",
     "preserved_rng",
     "trainable_parameters",
 ]
 
 LossFn = Callable[[nn.Module], Tensor]
 Reduce = Callable[[list[Tensor]], list[Tensor]]
+
+_replay_state = threading.local()
+
+
+def is_replaying() -> bool:
+    """Whether a :class:`StepReplay` forward pass is running in this thread.
+
+    Monitors that hook the model's forward read it to keep the probes' extra passes (at other
+    parameter values) out of the statistics of the real training step.
+    """
+    return getattr(_replay_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _replaying() -> Iterator[None]:
+    _replay_state.depth = getattr(_replay_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _replay_state.depth -= 1
 
 
 class ReplayError(LightningNormError):
@@ -277,7 +301,7 @@ class StepReplay:
             values["module." + name] = b.clone()
         with preserved_rng():
             self.rng_state.restore()
-            with torch.enable_grad(), self.context():
+            with torch.enable_grad(), self.context(), _replaying():
                 loss = torch.func.functional_call(self._wrapper, values, ())
         if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point()):
             raise ReplayError(

@@ -1,0 +1,68 @@
+"""All callbacks in one Trainer: they must not disturb training or each other's measurements."""
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_norm.callbacks import ActivationMoments, GradientNorms, ICSDrift, LossLandscape
+from lightning_norm.probes.replay import RngState, StepReplay, is_replaying
+from tests.helpers import Classifier, cpu_trainer
+
+
+def fit(callbacks, log_root):
+    L.seed_everything(0)
+    module = Classifier(n=64, batch_size=16)
+    logger = TensorBoardLogger(log_root, name="run", version=0)
+    cpu_trainer(max_steps=6, callbacks=callbacks, logger=logger).fit(module)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    scalars = {k: [(e.step, e.value) for e in acc.Scalars(k)] for k in acc.Tags()["scalars"]}
+    return module, scalars
+
+
+def test_probes_neither_change_training_nor_pollute_activation_statistics(tmp_path):
+    bare, _ = fit([], tmp_path / "bare")
+    alone, acts_alone = fit([ActivationMoments()], tmp_path / "alone")
+    together, acts_together = fit(
+        [
+            ActivationMoments(),
+            GradientNorms(),
+            ICSDrift(every_n_steps=2),
+            LossLandscape(every_n_steps=2, slice_at_end=False),
+        ],
+        tmp_path / "together",
+    )
+    for a, b, c in zip(
+        bare.state_dict().values(),
+        alone.state_dict().values(),
+        together.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    activation_keys = [k for k in acts_alone if k.startswith("activation/")]
+    assert "activation/net.1/mean" in activation_keys
+    # The probes' replayed forwards (at other parameter values) reach the same hooked modules;
+    # the logged statistics must still be those of the real training step only.
+    for key in activation_keys:
+        assert acts_together[key] == acts_alone[key], key
+    assert any(k.startswith("ics/") for k in acts_together)
+    assert "landscape/total/beta_eff" in acts_together
+    assert "grad_norm/total" in acts_together
+
+
+def test_is_replaying_is_true_only_inside_a_replay():
+    seen = []
+    net = torch.nn.Linear(2, 1)
+    x = torch.randn(4, 2)
+
+    def compute_loss(module):
+        seen.append(is_replaying())
+        return module(x).pow(2).mean()
+
+    replay = StepReplay(net, compute_loss, rng_state=RngState.capture())
+    assert not is_replaying()
+    replay.loss()
+    replay.loss_and_grad(wrt=["weight"])
+    assert seen == [True, True]
+    assert not is_replaying()
