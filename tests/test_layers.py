@@ -106,6 +106,14 @@ def ref_norm_over(x, groups_of, w, b, eps):
     return y
 
 
+def assert_matches_reference(layer: nn.Module, x: torch.Tensor, groups_of) -> None:
+    """``layer`` (affine values randomized) against ``ref_norm_over``, in train and eval mode."""
+    randomize_affine(layer)
+    expected = ref_norm_over(x, groups_of, layer.weight, layer.bias, 1e-5)
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), expected, rtol=1e-10, atol=1e-10)
+
+
 # --- BatchNorm and FrozenBatchNorm -----------------------------------------------------------
 
 
@@ -283,19 +291,13 @@ def samples(x):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
 def test_layernorm_per_sample_over_all_dims(shape, affine):
-    layer = LayerNorm(4, affine=affine).double()
-    randomize_affine(layer)
-    x = data(shape)
-    expected = ref_norm_over(x, samples, layer.weight, layer.bias, 1e-5)
-    for mode in (True, False):
-        torch.testing.assert_close(layer.train(mode)(x), expected, rtol=1e-10, atol=1e-10)
+    assert_matches_reference(LayerNorm(4, affine=affine).double(), data(shape), samples)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
 def test_layernorm_channels_first_per_position(shape, affine):
     layer = LayerNormChannelsFirst(4, affine=affine).double()
-    randomize_affine(layer)
     x = data(shape)
 
     def positions(xd):
@@ -305,9 +307,7 @@ def test_layernorm_channels_first_per_position(shape, affine):
             for pos in itertools.product(*[range(s) for s in xd.shape[2:]]):
                 yield (n, slice(None), *pos)
 
-    expected = ref_norm_over(x, positions, layer.weight, layer.bias, 1e-5)
-    for mode in (True, False):
-        torch.testing.assert_close(layer.train(mode)(x), expected, rtol=1e-10, atol=1e-10)
+    assert_matches_reference(layer, x, positions)
     if x.dim() == 2 and affine:
         ln = nn.LayerNorm(4).double()
         ln.load_state_dict(layer.state_dict())
@@ -320,7 +320,6 @@ def test_layernorm_channels_first_per_position(shape, affine):
 def test_groupnorm_per_sample_per_group(shape, groups, affine):
     c = 4
     layer = GroupNorm(c, num_groups=groups, affine=affine).double()
-    randomize_affine(layer)
     g = layer.num_groups
     assert g == (groups or math.gcd(c, 32))
     x = data(shape)
@@ -333,9 +332,7 @@ def test_groupnorm_per_sample_per_group(shape, groups, affine):
         with pytest.raises(ConfigurationError, match="single value per sample"):
             layer(x)
         return
-    expected = ref_norm_over(x, sample_groups, layer.weight, layer.bias, 1e-5)
-    for mode in (True, False):
-        torch.testing.assert_close(layer.train(mode)(x), expected, rtol=1e-10, atol=1e-10)
+    assert_matches_reference(layer, x, sample_groups)
 
 
 def test_groupnorm_group_choice_and_errors():
@@ -350,15 +347,12 @@ def test_groupnorm_group_choice_and_errors():
 @pytest.mark.parametrize("affine", [True, False])
 def test_instancenorm_per_sample_and_channel(shape, affine):
     layer = InstanceNorm(4, affine=affine).double()
-    randomize_affine(layer)
     x = data(shape)
 
     def cells(xd):
         return [(n, c) for n in range(xd.shape[0]) for c in range(xd.shape[1])]
 
-    expected = ref_norm_over(x, cells, layer.weight, layer.bias, 1e-5)
-    for mode in (True, False):
-        torch.testing.assert_close(layer.train(mode)(x), expected, rtol=1e-10, atol=1e-10)
+    assert_matches_reference(layer, x, cells)
 
 
 def test_instancenorm_refuses_features_without_positions():

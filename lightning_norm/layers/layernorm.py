@@ -48,9 +48,7 @@ class LayerNormChannelsFirst(AffineNorm):
     train and eval; no running statistics. On ``(N, C)`` input it is ``nn.LayerNorm(C)``.
 
     Args:
-        num_channels: ``C``, the size of dimension 1 of the input.
-        eps: added to the variance.
-        affine: learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+        num_channels, eps, affine: as :class:`LayerNorm`.
 
     Raises:
         ConfigurationError: input of the wrong shape, or ``num_channels == 1`` at forward (one
