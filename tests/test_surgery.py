@@ -316,7 +316,7 @@ def test_batchnorm_inside_our_own_layer_is_skipped_with_a_reason(registry):
     assert isinstance(model[0].bn, nn.BatchNorm2d)
 
 
-# The head's BatchNorm1d gets the automatic group count, which warns (tested below).
+# A BatchNorm1d gets GroupNorm's automatic group count, which warns (tested below).
 @pytest.mark.filterwarnings("ignore:GroupNorm replacing a BatchNorm1d:UserWarning")
 def test_module_dict_keys_and_a_second_swap(registry):
     model = nn.ModuleDict({"a-b": nn.BatchNorm1d(4), "c": nn.Linear(4, 4)})
@@ -407,7 +407,7 @@ def test_cuda_model_stays_on_cuda(registry, to):
 # ---------------------------------------------------------------------------------------------
 
 
-# The head's BatchNorm1d gets the automatic group count, which warns (tested below).
+# A BatchNorm1d gets GroupNorm's automatic group count, which warns (tested below).
 @pytest.mark.filterwarnings("ignore:GroupNorm replacing a BatchNorm1d:UserWarning")
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
