@@ -28,10 +28,10 @@ from lightning_norm.probes.landscape import EtaGrid, Spacing, gradient_landscape
 from lightning_norm.probes.replay import StepReplay
 
 #: Default probing interval: one probe at the default settings (8 forward+backward passes, no
-#: Hessian) costs about 5.5 training steps (benchmarks/bench_landscape.py, docs/landscape.md), so
-#: probing every 200 steps keeps the amortized overhead near 3-4%. The Hessian's power iteration
-#: adds 15-100 steps per probe on CPU (double backward through conv layers is expensive): opt in
-#: with ``hessian=True`` and a longer interval.
+#: Hessian) costs 5-8 training steps (benchmarks/bench_landscape.py, docs/landscape.md), so
+#: probing every 200 steps keeps the amortized overhead near 4-5%. The Hessian's power iteration
+#: adds 20 or more steps per probe on CPU (double backward through conv layers is expensive):
+#: opt in with ``hessian=True`` and a longer interval.
 DEFAULT_EVERY_N_STEPS = 200
 
 UserLossFn = Callable[[nn.Module, Any], Tensor]
