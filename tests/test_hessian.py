@@ -66,11 +66,11 @@ def test_matvec_and_trace_match_brute_force():
     hv = torch.cat([t.reshape(-1) for t in op.matvec(v)])
     want = hess @ torch.cat([t.reshape(-1) for t in v])
     assert torch.allclose(hv, want, rtol=1e-10, atol=1e-12)
-    # Hutchinson: unbiased; with 1000 Rademacher vectors the error is a few % of the spread.
-    est = op.trace(samples=1000, generator=torch.Generator().manual_seed(0)).item()
+    # Hutchinson: unbiased; with 300 Rademacher vectors the error is a few % of the spread.
+    est = op.trace(samples=300, generator=torch.Generator().manual_seed(0)).item()
     exact = torch.trace(hess).item()
     off = hess - torch.diag(torch.diag(hess))
-    std = (2 * (off**2).sum() / 1000).sqrt().item()
+    std = (2 * (off**2).sum() / 300).sqrt().item()
     assert abs(est - exact) <= 4 * std
 
 
