@@ -1,49 +1,47 @@
 """lightning_norm: callbacks and plugins for studying normalization layers while a model trains.
 
 The core (layers, surgery, statistics, probes) is plain PyTorch; :mod:`lightning_norm.callbacks`
-and :mod:`lightning_norm.plugins` adapt it to Lightning.
+and :mod:`lightning_norm.plugins` adapt it to Lightning. Importing ``lightning_norm`` imports the
+core only, never Lightning: import the callbacks and plugins from their subpackages.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from lightning_norm.errors import (
+    ConfigurationError,
+    LightningNormError,
+    SelectionError,
+    SurgeryError,
+    UnknownNormError,
+)
+from lightning_norm.layers import (
+    LpBatchNorm,
+    NoisyBatchNorm,
+    available_norms,
+    create_norm,
+    register_norm,
+)
+from lightning_norm.probes.replay import StepReplay
+from lightning_norm.schedule import StepSchedule
+from lightning_norm.selection import LayerSelection
+from lightning_norm.sink import LogSink
+from lightning_norm.surgery import SwapReport, swap_norms
 
 __version__ = "0.1.0"
 
-# Public names and the module that defines each; resolved on first access so that importing the
-# package stays cheap and plain-PyTorch users never import Lightning.
-_EXPORTS: dict[str, str] = {
-    # surgery
-    "swap_norms": "lightning_norm.surgery",
-    "SwapReport": "lightning_norm.surgery",
-    # layers and their registry
-    "create_norm": "lightning_norm.layers",
-    "register_norm": "lightning_norm.layers",
-    "available_norms": "lightning_norm.layers",
-    "NoisyBatchNorm": "lightning_norm.layers",
-    "LpBatchNorm": "lightning_norm.layers",
-    # shared machinery
-    "StepReplay": "lightning_norm.probes.replay",
-    "StepSchedule": "lightning_norm.schedule",
-    "LayerSelection": "lightning_norm.selection",
-    "LogSink": "lightning_norm.sink",
-    # errors
-    "LightningNormError": "lightning_norm.errors",
-    "ConfigurationError": "lightning_norm.errors",
-    "SelectionError": "lightning_norm.errors",
-    "SurgeryError": "lightning_norm.errors",
-    "UnknownNormError": "lightning_norm.errors",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_norm' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = [
+    "ConfigurationError",
+    "LayerSelection",
+    "LightningNormError",
+    "LogSink",
+    "LpBatchNorm",
+    "NoisyBatchNorm",
+    "SelectionError",
+    "StepReplay",
+    "StepSchedule",
+    "SurgeryError",
+    "SwapReport",
+    "UnknownNormError",
+    "available_norms",
+    "create_norm",
+    "register_norm",
+    "swap_norms",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,6 +32,37 @@ def small_convnet(channels: int = 3, width: int = 8, classes: int = 4, bn: bool 
         nn.Flatten(),
         nn.Linear(width, classes),
     )
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)`` in ``rows``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def by_step(self, prefix: str) -> dict[int, dict[str, float]]:
+        """The metrics whose name starts with ``prefix``, merged per step."""
+        out: dict[int, dict[str, float]] = {}
+        for step, m in self.rows:
+            sel = {k: v for k, v in m.items() if k.startswith(prefix)}
+            if sel:
+                out.setdefault(step, {}).update(sel)
+        return out
 
 
 class Classifier(L.LightningModule):

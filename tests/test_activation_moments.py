@@ -10,44 +10,14 @@ import signal
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_norm.callbacks import ActivationMoments, GradientNorms
 from lightning_norm.errors import ConfigurationError, SelectionError
 from lightning_norm.selection import LayerSelection
-from tests.helpers import Classifier, cpu_trainer, random_images, small_convnet
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def by_step(self, prefix: str) -> dict[int, dict[str, float]]:
-        out: dict[int, dict[str, float]] = {}
-        for step, m in self.rows:
-            sel = {k: v for k, v in m.items() if k.startswith(prefix)}
-            if sel:
-                out.setdefault(step, {}).update(sel)
-        return out
+from tests.helpers import Classifier, MemoryLogger, cpu_trainer, random_images, small_convnet
 
 
 def ref_quantile(values, q):
@@ -63,15 +33,53 @@ def ref_moments(values):
     return mean, sum((x - mean) ** 2 for x in values) / len(values)
 
 
-def capture_training_outputs(trainer_ref: list, module: nn.Module, store: dict) -> None:
-    """The test's own hook: float64 copies of ``module``'s training outputs per global step."""
+def capture_training_outputs(
+    trainer_ref: list, module: nn.Module, store: dict, stage: str = "train"
+) -> None:
+    """The test's own hook: float64 copies of ``module``'s outputs per global step, in training
+    (``stage="train"``) or in validation runs other than the sanity check (``"validate"``)."""
 
     def hook(mod, args, out):
-        if mod.training and trainer_ref[0].training:
-            step = trainer_ref[0].global_step
-            store.setdefault(step, []).append(out.detach().double().clone())
+        trainer = trainer_ref[0]
+        if stage == "train":
+            wanted = mod.training and trainer.training
+        else:
+            wanted = not mod.training and trainer.validating and not trainer.sanity_checking
+        if wanted:
+            store.setdefault(trainer.global_step, []).append(out.detach().double().clone())
 
     module.register_forward_hook(hook)
+
+
+def assert_layer_matches(m: dict, base: str, x: torch.Tensor, units: list[int]) -> None:
+    """The logged ``<base>/...`` statistics of ``x`` (N, C, ...) against float64 brute force."""
+    flat = x.flatten().tolist()
+    mean, var = ref_moments(flat)
+    assert m[f"{base}/mean"] == pytest.approx(mean, abs=1e-6)
+    assert m[f"{base}/std"] == pytest.approx(math.sqrt(var), rel=1e-5)
+    assert m[f"{base}/nonfinite"] == 0
+    for name, q in (("p15", 0.15), ("p50", 0.5), ("p85", 0.85)):
+        assert m[f"{base}/{name}"] == pytest.approx(ref_quantile(flat, q), rel=1e-5)
+    for u in units:
+        vals = x[:, u].flatten().tolist()
+        um, uv = ref_moments(vals)
+        assert m[f"{base}/unit{u}_mean"] == pytest.approx(um, abs=1e-6)
+        assert m[f"{base}/unit{u}_std"] == pytest.approx(math.sqrt(uv), rel=1e-5)
+        for name, q in (("p15", 0.15), ("p50", 0.5), ("p85", 0.85)):
+            key = f"{base}/unit{u}_{name}"
+            assert m[key] == pytest.approx(ref_quantile(vals, q), rel=1e-4, abs=1e-6)
+
+
+def validating_trainer(callbacks, logger, max_steps: int, val_batches: int = 1) -> L.Trainer:
+    """A CPU trainer with a one-batch sanity check that validates every 2 training batches."""
+    return cpu_trainer(
+        callbacks=callbacks,
+        logger=logger,
+        max_steps=max_steps,
+        num_sanity_val_steps=1,
+        limit_val_batches=val_batches,
+        val_check_interval=2,
+    )
 
 
 def forward_hook_count(model: nn.Module) -> int:
@@ -83,14 +91,7 @@ def test_logged_values_match_brute_force_and_ignore_validation():
     model = Classifier(small_convnet(), n=96, batch_size=16)
     logger = MemoryLogger()
     cb = ActivationMoments(every_n_steps=2, num_units=3, quantile_samples=100_000, seed=1)
-    trainer = cpu_trainer(
-        callbacks=[cb],
-        logger=logger,
-        max_steps=5,
-        num_sanity_val_steps=1,
-        limit_val_batches=1,
-        val_check_interval=2,
-    )
+    trainer = validating_trainer([cb], logger, max_steps=5)
     ref: list = [trainer]
     store: dict[int, list] = {}
     capture_training_outputs(ref, model.net[1], store)
@@ -102,21 +103,7 @@ def test_logged_values_match_brute_force_and_ignore_validation():
     for step in (0, 2, 4):
         m = logged[step]
         x = torch.cat(store[step])
-        flat = x.flatten().tolist()
-        mean, var = ref_moments(flat)
-        assert m["activation/net.1/mean"] == pytest.approx(mean, abs=1e-6)
-        assert m["activation/net.1/std"] == pytest.approx(math.sqrt(var), rel=1e-5)
-        assert m["activation/net.1/nonfinite"] == 0
-        for name, q in (("p15", 0.15), ("p50", 0.5), ("p85", 0.85)):
-            assert m[f"activation/net.1/{name}"] == pytest.approx(ref_quantile(flat, q), rel=1e-5)
-        for u in units:
-            vals = x[:, u].flatten().tolist()
-            um, uv = ref_moments(vals)
-            assert m[f"activation/net.1/unit{u}_mean"] == pytest.approx(um, abs=1e-6)
-            assert m[f"activation/net.1/unit{u}_std"] == pytest.approx(math.sqrt(uv), rel=1e-5)
-            for name, q in (("p15", 0.15), ("p50", 0.5), ("p85", 0.85)):
-                key = f"activation/net.1/unit{u}_{name}"
-                assert m[key] == pytest.approx(ref_quantile(vals, q), rel=1e-4, abs=1e-6)
+        assert_layer_matches(m, "activation/net.1", x, units)
         if step == 0:
             assert "activation/net.1/delta_mean" not in m  # no step before the first
             continue
@@ -129,20 +116,62 @@ def test_logged_values_match_brute_force_and_ignore_validation():
         assert m["activation/net.1/delta_mean"] == pytest.approx(sum(dm) / 3, abs=1e-6)
         assert m["activation/net.1/delta_var"] == pytest.approx(sum(dv) / 3, rel=1e-4, abs=1e-6)
     assert "activation/net.5/mean" in logged[0]  # both BN layers, by default
+    assert not logger.by_step("activation_val/")  # validation is not recorded unless asked
     assert forward_hook_count(model) == 1  # only the test's hook is left
+
+
+def test_validation_statistics_when_asked_match_brute_force_and_leave_training_alone():
+    torch.manual_seed(0)
+    model = Classifier(small_convnet(), n=64, batch_size=16)  # 4 training, 2 validation batches
+    logger = MemoryLogger()
+    cb = ActivationMoments(
+        stages=("validate", "train"),
+        every_n_steps=3,
+        num_units=3,
+        quantile_samples=100_000,
+        seed=1,
+        histogram_every_n_steps=1,
+    )
+    trainer = validating_trainer([cb], logger, max_steps=4, val_batches=2)
+    train_out: dict[int, list] = {}
+    val_out: dict[int, list] = {}
+    capture_training_outputs([trainer], model.net[1], train_out)
+    capture_training_outputs([trainer], model.net[1], val_out, stage="validate")
+    trainer.fit(model)
+    assert cb.stages == ("train", "validate")
+    units = cb.state_dict()["units"]["net.1"]
+    val = logger.by_step("activation_val/")
+    assert sorted(val) == sorted(val_out) == [2, 4]  # not the sanity check at step 0
+    for step in (2, 4):
+        assert len(val_out[step]) == 2  # one sample: both validation batches together
+        assert_layer_matches(val[step], "activation_val/net.1", torch.cat(val_out[step]), units)
+        assert "activation_val/net.5/mean" in val[step]
+        assert not any("delta" in k or k.endswith("/hist") for k in val[step])
+    train = logger.by_step("activation/")
+    assert sorted(train) == [0, 3]
+    for step in (0, 3):
+        assert_layer_matches(train[step], "activation/net.1", torch.cat(train_out[step]), units)
+    assert forward_hook_count(model) == 2  # only the test's hooks are left
+
+
+def test_validation_only():
+    logger = MemoryLogger()
+    cb = ActivationMoments(stages="validate", num_units=1)
+    model = Classifier()
+    trainer = cpu_trainer(callbacks=[cb], logger=logger, max_steps=4, limit_val_batches=1)
+    trainer.fit(model)
+    assert cb.recorder is None
+    assert not logger.by_step("activation/")
+    assert sorted(logger.by_step("activation_val/")) == [4]  # the end of the only epoch
+    trainer.validate(model, dataloaders=model.val_dataloader(), verbose=False)
+    assert sorted(logger.by_step("activation_val/")) == [4]  # fit only
+    assert forward_hook_count(model) == 0
 
 
 def _seeded_fit(callbacks):
     L.seed_everything(7, verbose=False)
     model = Classifier(small_convnet(), momentum=0.9, n=64, batch_size=16)
-    trainer = cpu_trainer(
-        callbacks=callbacks,
-        logger=MemoryLogger(),
-        max_steps=6,
-        num_sanity_val_steps=1,
-        limit_val_batches=1,
-        val_check_interval=2,
-    )
+    trainer = validating_trainer(callbacks, MemoryLogger(), max_steps=6)
     trainer.fit(model)
     return model, torch.get_rng_state()
 
@@ -252,6 +281,9 @@ def test_settings_errors_state_key_and_state_dict():
         ActivationMoments(every_n_steps=0)
     with pytest.raises(ConfigurationError, match="capture"):
         ActivationMoments(capture="weights")
+    for stages in ((), ("train", "test"), "sanity_check"):
+        with pytest.raises(ConfigurationError, match="stages"):
+            ActivationMoments(stages=stages)
     with pytest.raises(ConfigurationError, match="quantiles"):
         ActivationMoments(quantiles=(0.5, 1.5))
     with pytest.raises(ConfigurationError, match="LayerSelection"):
@@ -265,6 +297,9 @@ def test_settings_errors_state_key_and_state_dict():
     assert steps == []  # failed at setup, before any step
     a, b = ActivationMoments(), ActivationMoments(capture="input")
     assert a.state_key != b.state_key
+    assert "stages" not in a.state_key  # the default keeps the key of older checkpoints
+    keys = {ActivationMoments(stages=s).state_key for s in ("validate", ("train", "validate"))}
+    assert len(keys | {a.state_key}) == 3
     a.load_state_dict({"units": {"net.1": [0, 5]}})
     assert a.state_dict() == {"units": {"net.1": [0, 5]}}
     a.load_state_dict({})  # older checkpoints without the field
@@ -382,18 +417,12 @@ def test_ddp_moments_describe_the_global_batch_and_grad_norms_the_synced_grads(
         ActivationMoments(num_units=4, quantile_samples=10_000),
         GradientNorms(),
     ]
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_steps=1,
         logger=logger,
         callbacks=cbs,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         log_every_n_steps=1,
     )
     trainer.fit(DDPNet())

@@ -12,8 +12,7 @@ from torch import nn
 from lightning_norm.callbacks import GradientNorms
 from lightning_norm.errors import ConfigurationError
 from lightning_norm.selection import LayerSelection
-from tests.helpers import Classifier, cpu_trainer, small_convnet
-from tests.test_activation_moments import MemoryLogger
+from tests.helpers import Classifier, MemoryLogger, cpu_trainer, small_convnet
 
 
 def norm(tensors, p=2.0) -> float:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_norm.callbacks.ics_drift import ICSDrift
@@ -16,7 +16,7 @@ from lightning_norm.errors import ConfigurationError, SelectionError
 from lightning_norm.probes.ics import drift_stats, ics_drift, record_forward_order
 from lightning_norm.probes.replay import RngState, StepReplay
 from lightning_norm.selection import LayerSelection
-from tests.helpers import Classifier, cpu_trainer, small_convnet
+from tests.helpers import Classifier, MemoryLogger, cpu_trainer, small_convnet
 
 
 def mlp() -> nn.Sequential:
@@ -30,23 +30,6 @@ def mlp() -> nn.Sequential:
         nn.Tanh(),
         nn.Linear(12, 4),
     )
-
-
-class Recorder(Logger):
-    """Keeps every ``log_metrics`` call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[dict, int]] = []
-
-    name = "recorder"
-    version = 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.calls.append((dict(metrics), step))
 
 
 class Witness(Callback):
@@ -140,10 +123,10 @@ def test_logged_drift_matches_brute_force(arch, optimizer, lr, momentum, extra):
     net = mlp() if arch == "mlp" else small_convnet(bn=True)  # both: BN and dropout
     init = copy.deepcopy(net)
     layers = [1, 5, 7] if arch == "mlp" else [0, 4, 9]
-    witness, rec = Witness(), Recorder()
+    witness, rec = Witness(), MemoryLogger()
     ics = ICSDrift(layers=[f"net.{i}" for i in layers], relative=True)
     run_fit(net, optimizer, lr, momentum, steps=2, callbacks=[witness, ics], logger=rec, **extra)
-    logged = {step: m for m, step in rec.calls if any(k.startswith("ics/") for k in m)}
+    logged = {step: m for step, m in rec.rows if any(k.startswith("ics/") for k in m)}
     assert sorted(logged) == [0, 1]
     nontrivial = 0
     for step_rec in witness.steps:
@@ -172,15 +155,15 @@ def test_seeded_fit_is_bit_identical_with_and_without_the_callback():
     for callbacks in ([], [ICSDrift(every_n_steps=2)]):
         torch.manual_seed(3)
         net = small_convnet(bn=True)  # BN running stats and dropout masks
-        rec = Recorder()
+        rec = MemoryLogger()
         torch.manual_seed(0)
         model = Classifier(net, lr=0.1, optimizer="adam")
         trainer = cpu_trainer(max_steps=5, callbacks=callbacks, logger=rec, log_every_n_steps=1)
         trainer.fit(model)
         state, opt = _params_buffers_opt(model, trainer)
         after = torch.rand(3)  # the global RNG stream continues identically
-        losses = [m["train_loss"] for m, _ in rec.calls if "train_loss" in m]
-        ics_keys = {k for m, _ in rec.calls for k in m if k.startswith("ics/")}
+        losses = [m["train_loss"] for _, m in rec.rows if "train_loss" in m]
+        ics_keys = {k for _, m in rec.rows for k in m if k.startswith("ics/")}
         results.append((state, opt, after, losses, ics_keys, trainer.callback_metrics))
     (s0, o0, r0, l0, k0, c0), (s1, o1, r1, l1, k1, c1) = results
     assert s0.keys() == s1.keys()

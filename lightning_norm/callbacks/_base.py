@@ -12,6 +12,11 @@ Every monitor shares the same four chores, and :class:`MonitorCallback` does the
 * **state** -- ``state_key`` built from :meth:`state_key_settings`, so two instances with
   different settings coexist in one Trainer and each restores its own ``state_dict``.
 
+**When**: :meth:`on_train_batch_end` asks :meth:`measure` for what the batch that just ended
+completes (a :class:`Measurement`: a step, names and one device vector of values, histograms)
+and writes it; subclasses only say how to measure. Subclasses take the four settings above as
+``**options`` (:class:`MonitorOptions`) and pass them on to :class:`MonitorCallback`.
+
 It also owns the forward/backward hook handles: subclasses append the handles they register to
 ``self._handles`` and override :meth:`release` for any other per-fit state; :meth:`release` runs at
 ``on_fit_end``, ``teardown`` and ``on_exception`` (KeyboardInterrupt included, which Lightning
@@ -21,23 +26,31 @@ routes through ``on_exception`` without calling ``teardown``), so nothing leaks 
 Subclass recipe::
 
     class MyMonitor(MonitorCallback):
-        def __init__(self, *, every_n_steps=1, layers=None):
-            super().__init__(every_n_steps=every_n_steps, layers=layers)
+        def __init__(self, *, my_setting=1, **options: Unpack[MonitorOptions]):
+            super().__init__(**options)
 
         def on_fit_start(self, trainer, pl_module):
             for name, module in self.layers:
                 self._handles.append(module.register_forward_hook(...))
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.is_due(trainer.global_step):
-                self.log_scalars({"my_group/total/metric": value}, trainer.global_step)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.step = trainer.global_step  # the optimizer step this batch makes
+
+        def measure(self, trainer, pl_module, outputs):
+            if not self.is_due(self.step):
+                return None
+            return Measurement(self.step, ["my_group/total/metric"], value.reshape(1))
+
+(``Unpack`` from ``typing_extensions``, under ``TYPE_CHECKING``, lets type checkers and IDEs see
+the keywords.)
 
 Only the ``fit`` stage is monitored: ``setup`` for ``validate``/``test``/``predict`` does nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -48,7 +61,39 @@ from torch.utils.hooks import RemovableHandle
 from lightning_norm.errors import ConfigurationError
 from lightning_norm.schedule import StepSchedule
 from lightning_norm.selection import LayerSelection
-from lightning_norm.sink import LogSink
+from lightning_norm.sink import Histogram, LogSink
+
+
+class ScheduleOptions(TypedDict, total=False):
+    """The schedule keywords of :class:`MonitorCallback`, for a subclass's ``**options``."""
+
+    every_n_steps: int
+    log_spaced: bool
+    points_per_octave: int
+
+
+class MonitorOptions(ScheduleOptions, total=False):
+    """All keywords of :class:`MonitorCallback`: the schedule and ``layers``."""
+
+    layers: LayerSelection | None
+
+
+@dataclass
+class Measurement:
+    """What a monitor measured at one step, to be written in one go.
+
+    Attributes:
+        step: the x-axis value (``trainer.global_step`` of the measured step).
+        names: the scalar metric names, ``values[i]`` is logged under ``names[i]``.
+        values: one device vector (moved to the host in one transfer).
+        histograms: full metric name -> a :class:`~lightning_norm.sink.Histogram` or a tensor
+            (TensorBoard and W&B only).
+    """
+
+    step: int
+    names: list[str]
+    values: Tensor
+    histograms: dict[str, Histogram | Tensor] = field(default_factory=dict)
 
 
 class MonitorCallback(Callback):
@@ -68,9 +113,11 @@ class MonitorCallback(Callback):
     Example::
 
         class Counter(MonitorCallback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if self.is_due(trainer.global_step):
-                    self.log_scalars({"count/total": len(self.layers)}, trainer.global_step)
+            def measure(self, trainer, pl_module, outputs):
+                step = trainer.global_step
+                if self.is_due(step):
+                    return Measurement(step, ["count/total"], torch.tensor([len(self.layers)]))
+                return None
     """
 
     def __init__(
@@ -138,6 +185,26 @@ class MonitorCallback(Callback):
                 category=UserWarning,
             )
 
+    def measure(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any
+    ) -> Measurement | None:
+        """What the training batch that just ended completes (``None``: nothing to log).
+
+        Called by :meth:`on_train_batch_end` on every rank (collectives are allowed); override
+        it rather than ``on_train_batch_end``. The default measures nothing.
+        """
+        return None
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.log_measurement(self.measure(trainer, pl_module, outputs))
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.release()
 
@@ -169,6 +236,15 @@ class MonitorCallback(Callback):
             return
         host = values.detach().float().reshape(-1).cpu().tolist()
         self.sink.log_scalars(dict(zip(names, host, strict=True)), step=step)
+
+    def log_measurement(self, measurement: Measurement | None) -> None:
+        """Write a :class:`Measurement`: its scalars (:meth:`log_vector`), then its histograms."""
+        if measurement is None:
+            return
+        self.log_vector(measurement.names, measurement.values, measurement.step)
+        if self.sink is not None and self.is_global_zero:
+            for name, hist in measurement.histograms.items():
+                self.sink.log_histogram(name, hist, measurement.step)
 
     def release(self) -> None:
         """Remove every registered hook; subclasses extend it to drop per-fit buffers."""

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_norm.callbacks._base import MonitorCallback
+from lightning_norm.callbacks._base import Measurement, MonitorCallback, MonitorOptions
 from lightning_norm.errors import ConfigurationError
 from lightning_norm.monitors.activations import FULL, UNITS, ActivationRecorder, LayerStats
-from lightning_norm.selection import LayerSelection
 from lightning_norm.stats import DEFAULT_QUANTILES
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+#: The forward passes ActivationMoments can record, in the order of ``stages``.
+STAGES = ("train", "validate")
 
 
 def _pname(q: float) -> str:
@@ -45,6 +50,14 @@ class ActivationMoments(MonitorCallback):
     union (a sample of the global batch, not an average of per-rank percentiles, which would be
     biased for skewed distributions). Moments are merged exactly across ranks (Chan et al.).
 
+    Only training forward passes are recorded by default; the sanity check, ``validate``,
+    ``test`` and ``predict`` never are. With ``"validate"`` in ``stages``, every validation run
+    inside ``fit`` (not the sanity check) is recorded too, as one sample: every batch of every
+    validation dataloader and every DDP rank, the model in eval mode; it is logged at the
+    ``trainer.global_step`` the validation ran at (so the weights are those that training step
+    ``t = global_step`` starts from), under ``activation_val/``, whatever the schedule says. The
+    same units are sampled; there are no deltas and no histograms for validation.
+
     Logged metrics (``<layer>`` is the qualified module name, x-axis ``trainer.global_step``):
 
     * ``activation/<layer>/mean``, ``std``, ``p15``, ``p50``, ``p85``, ``nonfinite``,
@@ -52,13 +65,14 @@ class ActivationMoments(MonitorCallback):
     * ``activation/<layer>/unit<j>_mean``, ``unit<j>_std``, ``unit<j>_p15``, ``unit<j>_p50``,
       ``unit<j>_p85`` where ``j`` is the unit's channel index;
     * ``activation/<layer>/hist`` (histogram, TensorBoard and W&B only) when
-      ``histogram_every_n_steps`` is set.
+      ``histogram_every_n_steps`` is set;
+    * with ``"validate"`` in ``stages``: ``activation_val/<layer>/mean``, ``std``, ``p15``,
+      ``p50``, ``p85``, ``nonfinite`` and ``activation_val/<layer>/unit<j>_mean``, ``unit<j>_std``,
+      ``unit<j>_p15``, ``unit<j>_p50``, ``unit<j>_p85``, the same definitions over the validation
+      run; without ``"train"``, no ``activation/`` metric.
 
     Args:
-        every_n_steps: log every N optimizer steps (N >= 1).
-        log_spaced: log-spaced schedule (see :class:`~lightning_norm.schedule.StepSchedule`).
-        points_per_octave: measurements per doubling of the step when ``log_spaced``.
-        layers: which modules; ``None``: normalization layers, else Conv/Linear.
+        stages: the forward passes to record: ``"train"`` (the default), ``"validate"``, or both.
         capture: ``"output"`` (default) or ``"input"`` of each module.
         num_units: units sampled per layer (S18 plots a few), 0 to skip per-unit metrics.
         channel_dim: the dim that indexes units (1 for ``(N, C, ...)``, -1 for ``(N, L, C)``).
@@ -69,6 +83,9 @@ class ActivationMoments(MonitorCallback):
         histogram_every_n_steps: also log a histogram on due steps that are multiples of this
             (computed on the device, one host transfer per layer, rank zero's batch only).
         histogram_bins: bins of those histograms.
+        **options: :class:`~lightning_norm.callbacks._base.MonitorCallback`'s ``every_n_steps``
+            (log every N optimizer steps), ``log_spaced``, ``points_per_octave`` and ``layers``
+            (``None``: normalization layers, else Conv/Linear).
 
     Raises:
         ConfigurationError: a setting is out of range (at construction).
@@ -78,15 +95,14 @@ class ActivationMoments(MonitorCallback):
 
         trainer = L.Trainer(callbacks=[ActivationMoments(every_n_steps=10)],
                             logger=TensorBoardLogger("logs"))
+        # and the validation activations, at every validation run:
+        ActivationMoments(every_n_steps=10, stages=("train", "validate"))
     """
 
     def __init__(
         self,
         *,
-        every_n_steps: int = 1,
-        log_spaced: bool = False,
-        points_per_octave: int = 10,
-        layers: LayerSelection | None = None,
+        stages: Sequence[str] = ("train",),
         capture: str = "output",
         num_units: int = 8,
         channel_dim: int = 1,
@@ -96,13 +112,15 @@ class ActivationMoments(MonitorCallback):
         deltas: bool = True,
         histogram_every_n_steps: int | None = None,
         histogram_bins: int = 64,
+        **options: Unpack[MonitorOptions],
     ) -> None:
-        super().__init__(
-            every_n_steps=every_n_steps,
-            log_spaced=log_spaced,
-            points_per_octave=points_per_octave,
-            layers=layers,
-        )
+        super().__init__(**options)
+        stages = (stages,) if isinstance(stages, str) else tuple(stages)
+        if not stages or not set(stages) <= set(STAGES):
+            raise ConfigurationError(
+                f"`stages` must name the forward passes to record, some of {STAGES} (e.g. "
+                f"stages=('train', 'validate')), got {stages!r}."
+            )
         if capture not in ("output", "input"):
             raise ConfigurationError(
                 f"`capture` must be 'output' or 'input' (which tensor of the module to measure), "
@@ -130,6 +148,7 @@ class ActivationMoments(MonitorCallback):
                 f"`quantiles` must be fractions in [0, 1] such as (0.15, 0.5, 0.85), got "
                 f"{quantiles!r}."
             )
+        self.stages = tuple(s for s in STAGES if s in stages)
         self.capture = capture
         self.num_units = num_units
         self.channel_dim = channel_dim
@@ -140,6 +159,8 @@ class ActivationMoments(MonitorCallback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self.histogram_bins = histogram_bins
         self.recorder: ActivationRecorder | None = None
+        #: records validation inside fit, when "validate" is in ``stages``
+        self.val_recorder: ActivationRecorder | None = None
         self._units_state: dict[str, list[int]] = {}
         self._armed_step: int | None = None
         self._paused_mode: str | None = None
@@ -148,17 +169,28 @@ class ActivationMoments(MonitorCallback):
         self._prev: tuple[int, dict[str, tuple[Tensor, Tensor]]] | None = None
 
     def state_key_settings(self) -> dict[str, Any]:
-        return {
+        settings = {
             **super().state_key_settings(),
             "capture": self.capture,
             "num_units": self.num_units,
             "seed": self.seed,
         }
+        if self.stages != ("train",):  # the default keeps the key older checkpoints were saved at
+            settings["stages"] = self.stages
+        return settings
 
     # -- lifecycle -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.warn_if_no_logger(trainer)
-        self.recorder = ActivationRecorder(
+        # One recorder per stage, so validation never touches a training step's accumulators;
+        # both draw the same units (a pure function of the seed, the layer name and its width).
+        self.recorder = self._new_recorder() if "train" in self.stages else None
+        self.val_recorder = self._new_recorder() if "validate" in self.stages else None
+        self._armed_step = None
+        self._prev = None
+
+    def _new_recorder(self) -> ActivationRecorder:
+        rec = ActivationRecorder(
             self.layers,
             num_units=self.num_units,
             seed=self.seed,
@@ -167,16 +199,23 @@ class ActivationMoments(MonitorCallback):
             quantile_samples=self.quantile_samples,
             quantiles=self.quantiles,
         )
-        self.recorder.load_state_dict({"units": self._units_state})
-        self.recorder.attach()
-        self._armed_step = None
-        self._prev = None
+        rec.load_state_dict({"units": self._units_state})
+        rec.attach()
+        return rec
+
+    def _units(self) -> dict[str, list[int]]:
+        units = dict(self._units_state)
+        for rec in (self.val_recorder, self.recorder):
+            if rec is not None:
+                units.update(rec.units)
+        return units
 
     def release(self) -> None:
         super().release()
-        if self.recorder is not None:
-            self._units_state = dict(self.recorder.units)
-            self.recorder.detach()
+        self._units_state = self._units()
+        for rec in (self.recorder, self.val_recorder):
+            if rec is not None:
+                rec.detach()
         self._armed_step = None
         self._prev = None
 
@@ -184,8 +223,17 @@ class ActivationMoments(MonitorCallback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.recorder is not None:
             self._paused_mode, self.recorder.mode = self.recorder.mode, None
+        val = self.val_recorder
+        if val is not None and val.attached and not trainer.sanity_checking:
+            val.arm(FULL)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        val = self.val_recorder
+        if val is not None and val.mode is not None:
+            stats = val.compute()  # every rank runs the validation loop: one all-gather
+            val.disarm()
+            names, values = self._metrics(stats, None, "activation_val")
+            self.log_measurement(Measurement(trainer.global_step, names, values))
         if self.recorder is not None and self._paused_mode is not None:
             self.recorder.mode, self._paused_mode = self._paused_mode, None
 
@@ -219,20 +267,15 @@ class ActivationMoments(MonitorCallback):
             rec.histogram_bins = self.histogram_bins
         self._armed_step = step
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def measure(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any
+    ) -> Measurement | None:
         rec = self.recorder
         step = self._armed_step
         if rec is None or step is None or rec.mode is None:
-            return
+            return None
         if trainer.global_step == step:
-            return  # no optimizer step yet (gradient accumulation): the step is not complete
+            return None  # no optimizer step yet (gradient accumulation): the step is not complete
         end = trainer.global_step
         self._stride = max(1, end - step)
         mode = rec.mode
@@ -243,24 +286,23 @@ class ActivationMoments(MonitorCallback):
         prev = self._prev if self._prev is not None and self._prev[0] == step else None
         self._prev = (end, {n: (s.unit_moments.mean, s.unit_moments.var) for n, s in stats.items()})
         if mode != FULL:
-            return
+            return None
         names, values = self._metrics(stats, prev)
-        self.log_vector(names, values, step)
-        if self.sink is not None and self.is_global_zero:
-            for name, hist in histograms.items():
-                self.sink.log_histogram(f"activation/{name}/hist", hist, step)
+        hists = {f"activation/{name}/hist": hist for name, hist in histograms.items()}
+        return Measurement(step, names, values, hists)
 
     def _metrics(
         self,
         stats: dict[str, LayerStats],
         prev: tuple[int, dict[str, tuple[Tensor, Tensor]]] | None,
+        group: str = "activation",
     ) -> tuple[list[str], Tensor]:
         """Every logged name and its value, as one device vector (one host transfer)."""
         pnames = [_pname(q) for q in self.quantiles]
         names: list[str] = []
         parts: list[Tensor] = []
         for layer, s in stats.items():
-            base = f"activation/{layer}"
+            base = f"{group}/{layer}"
             names += [f"{base}/{m}" for m in ("mean", "std", *pnames, "nonfinite")]
             parts += [
                 s.whole.mean.reshape(1),
@@ -286,13 +328,13 @@ class ActivationMoments(MonitorCallback):
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        units = self.recorder.units if self.recorder is not None else self._units_state
-        return {"units": {k: list(v) for k, v in units.items()}}
+        return {"units": {k: list(v) for k, v in self._units().items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._units_state = {k: list(v) for k, v in state_dict.get("units", {}).items()}
-        if self.recorder is not None:
-            self.recorder.load_state_dict({"units": self._units_state})
+        for rec in (self.recorder, self.val_recorder):
+            if rec is not None:
+                rec.load_state_dict({"units": self._units_state})
 
 
-__all__ = ["ActivationMoments"]
+__all__ = ["STAGES", "ActivationMoments"]

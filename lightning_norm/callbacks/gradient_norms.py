@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_norm.callbacks._base import MonitorCallback
+from lightning_norm.callbacks._base import Measurement, MonitorCallback, MonitorOptions
 from lightning_norm.errors import ConfigurationError
 from lightning_norm.monitors.weights import ParameterNorms, tensor_norms
 from lightning_norm.selection import LayerSelection
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def _owns_parameters(name: str, module: nn.Module) -> bool:
@@ -61,15 +64,14 @@ class GradientNorms(MonitorCallback):
     * ``grad_norm_clipped/<layer>`` when ``log_clipped=True``.
 
     Args:
-        every_n_steps: log every N optimizer steps (N >= 1).
-        log_spaced: log-spaced schedule (see :class:`~lightning_norm.schedule.StepSchedule`).
-        points_per_octave: measurements per doubling of the step when ``log_spaced``.
-        layers: which modules; ``None``: every module that owns parameters directly.
         norm_type: ``p`` of the gradient norm (> 0, ``float("inf")`` for the max norm).
         log_weight_norm: log ``weight_norm``.
         log_update_ratio: log ``update_ratio`` (copies the weights on due steps).
         log_dist_from_init: log ``dist_from_init`` (keeps one copy of the initial weights).
         log_clipped: also log ``grad_norm_clipped``.
+        **options: :class:`~lightning_norm.callbacks._base.MonitorCallback`'s ``every_n_steps``
+            (log every N optimizer steps), ``log_spaced``, ``points_per_octave`` and ``layers``
+            (``None``: every module that owns parameters directly).
 
     Raises:
         ConfigurationError: ``norm_type`` is not a positive number (at construction).
@@ -85,22 +87,14 @@ class GradientNorms(MonitorCallback):
     def __init__(
         self,
         *,
-        every_n_steps: int = 1,
-        log_spaced: bool = False,
-        points_per_octave: int = 10,
-        layers: LayerSelection | None = None,
         norm_type: float = 2.0,
         log_weight_norm: bool = True,
         log_update_ratio: bool = True,
         log_dist_from_init: bool = True,
         log_clipped: bool = False,
+        **options: Unpack[MonitorOptions],
     ) -> None:
-        super().__init__(
-            every_n_steps=every_n_steps,
-            log_spaced=log_spaced,
-            points_per_octave=points_per_octave,
-            layers=layers,
-        )
+        super().__init__(**options)
         try:
             p = float(norm_type)
         except (TypeError, ValueError):
@@ -194,17 +188,12 @@ class GradientNorms(MonitorCallback):
         self._grad = grad if self._grad is None else self._grad + grad
         self._stepped += positions
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def measure(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any
+    ) -> Measurement | None:
         norms = self.norms
-        if norms is None or not self._due or self._grad is None:
-            return
+        if norms is None or not self._due or self._grad is None or self._step is None:
+            return None
         step, p = self._step, self.norm_type
         touched = [*norms.layers_touching(self._stepped), True]
         layer_names = [*norms.layer_names, "total"]
@@ -232,7 +221,7 @@ class GradientNorms(MonitorCallback):
             dist = tensor_norms(torch._foreach_sub(list(origin), self._init), 2.0)
             put("dist_from_init", norms.combine(dist, 2.0), False)
         self._reset_batch()
-        self.log_vector(names, torch.cat(parts), step)
+        return Measurement(step, names, torch.cat(parts))
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_norm.callbacks._base import MonitorCallback
+from lightning_norm.callbacks._base import Measurement, MonitorCallback, ScheduleOptions
 from lightning_norm.callbacks._probe import (
     StepCapture,
     capture_step,
@@ -20,6 +20,9 @@ from lightning_norm.callbacks._probe import (
 from lightning_norm.errors import ConfigurationError, SelectionError
 from lightning_norm.probes.ics import ics_drift
 from lightning_norm.selection import WEIGHT_LAYER_TYPES, LayerSelection
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +63,11 @@ class ICSDrift(MonitorCallback):
             qualified module name (relative to the LightningModule, e.g. ``"net.0"``) or a list
             of names. ``None``: every Conv/Linear layer. A layer's G concatenates all trainable
             parameters in its subtree.
-        every_n_steps: probe every N optimizer steps.
-        log_spaced: double the interval every octave of steps.
-        points_per_octave: probes per doubling of the step count when ``log_spaced``.
         relative: also log ``ics/<layer>/relative``.
         loss_fn: ``loss_fn(module, batch) -> Tensor`` to use instead of ``training_step``.
+        **schedule: :class:`~lightning_norm.callbacks._base.MonitorCallback`'s
+            ``every_n_steps`` (probe every N optimizer steps), ``log_spaced`` (double the
+            interval every octave of steps) and ``points_per_octave``.
 
     Raises:
         ConfigurationError: bad schedule, ``layers`` or ``loss_fn`` (construction); manual
@@ -82,11 +85,9 @@ class ICSDrift(MonitorCallback):
         self,
         layers: LayerSelection | str | Sequence[str] | None = None,
         *,
-        every_n_steps: int = 1,
-        log_spaced: bool = False,
-        points_per_octave: int = 10,
         relative: bool = False,
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        **schedule: Unpack[ScheduleOptions],
     ) -> None:
         names: tuple[str, ...] | None = None
         if isinstance(layers, str):
@@ -100,12 +101,7 @@ class ICSDrift(MonitorCallback):
             names = tuple(layers)
             if not names:
                 raise ConfigurationError("`layers` is empty; give at least one module name.")
-        super().__init__(
-            every_n_steps=every_n_steps,
-            log_spaced=log_spaced,
-            points_per_octave=points_per_octave,
-            layers=None if names is not None else layers,
-        )
+        super().__init__(layers=None if names is not None else layers, **schedule)
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigurationError(
                 f"`loss_fn` must be a callable `loss_fn(module, batch) -> Tensor`, got {loss_fn!r}."
@@ -178,20 +174,15 @@ class ICSDrift(MonitorCallback):
                 n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad
             }
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def measure(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any
+    ) -> Measurement | None:
         capture, before = self._capture, self._before
         self._capture = self._before = None
         if capture is None or before is None:
-            return  # not due, or no optimizer step ran
+            return None  # not due, or no optimizer step ran
         if self.loss_fn is None and _step_loss(outputs) is None:
-            return  # training_step returned None: Lightning skipped the step, nothing to replay
+            return None  # training_step returned None: Lightning skipped the step, no replay
         replay = make_replay(trainer, pl_module, capture, self.loss_fn)
         result = ics_drift(replay, before, [n for n, _ in self.layers])
         del before
@@ -202,10 +193,11 @@ class ICSDrift(MonitorCallback):
             metrics[f"ics/{name}/cosine"] = drift.cosine
             if self.relative:
                 metrics[f"ics/{name}/relative"] = drift.relative
-        self.log_scalars(metrics, capture.step)
         self.probes_run += 1
         self.last_step = capture.step
         self.last_metrics = metrics
+        values = [v.detach().float().reshape(1) for v in metrics.values()]
+        return Measurement(capture.step, list(metrics), torch.cat(values or [torch.zeros(0)]))
 
     def _check_replay(self, trainer: L.Trainer, outputs: Any, replayed: Tensor) -> None:
         """Warn once if the replayed loss at W^t differs from the real step's (single process)."""
