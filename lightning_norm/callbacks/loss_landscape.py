@@ -155,8 +155,8 @@ class LossLandscape(MonitorCallback):
         seed: seed of the callback's own random generators (Hessian start vectors, directions).
 
     Raises:
-        ConfigurationError: a setting is out of range (at construction); the Trainer has no
-            logger, uses manual optimization, gradient accumulation, a sharded strategy or
+        ConfigurationError: a setting is out of range (at construction); the Trainer uses
+            manual optimization, gradient accumulation, a sharded strategy or
             several optimizers, or a probed parameter is not in the module (at ``setup`` /
             ``on_fit_start``).
 
@@ -271,11 +271,8 @@ class LossLandscape(MonitorCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if not trainer.loggers:
-            raise ConfigurationError(
-                "LossLandscape writes through the Trainer's loggers, and this Trainer has none. "
-                "Pass e.g. `logger=TensorBoardLogger('logs')` (or remove the callback)."
-            )
+        # Without a logger the probes still run (``last_metrics``), as the other monitors do.
+        self.warn_if_no_logger(trainer)
         check_probe_support(trainer, pl_module, "LossLandscape")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
