@@ -264,7 +264,7 @@ def test_diverging_probe_is_counted_and_training_goes_on():
     assert not math.isfinite(m["landscape/total/curve_loss_3"])
 
 
-def test_bad_settings_fail_early():
+def test_bad_settings_fail_early(tmp_path):
     with pytest.raises(ConfigurationError, match="low <= high"):
         LossLandscape(eta_range=(4.0, 0.5))
     with pytest.raises(ConfigurationError, match="hessian_iters"):
@@ -277,7 +277,7 @@ def test_bad_settings_fail_early():
         LossLandscape(every_n_steps=0)
     model = Classifier(small_convnet(width=4), n=16)
     with pytest.warns(UserWarning, match="no logger"):
-        cpu_trainer(callbacks=[LossLandscape()], max_steps=1).fit(model)
+        cpu_trainer(callbacks=[LossLandscape()], max_steps=1, default_root_dir=tmp_path).fit(model)
     with pytest.raises(ConfigurationError, match="accumulate_grad_batches"):
         cpu_trainer(
             callbacks=[LossLandscape()], logger=MemoryLogger(), accumulate_grad_batches=2
