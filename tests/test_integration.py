@@ -66,3 +66,11 @@ def test_is_replaying_is_true_only_inside_a_replay():
     replay.loss_and_grad(wrt=["weight"])
     assert seen == [True, True]
     assert not is_replaying()
+
+
+def test_landscape_without_logger_writes_no_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    callback = LossLandscape(every_n_steps=1)
+    cpu_trainer(max_steps=2, callbacks=[callback]).fit(Classifier())
+    assert callback.last_slice is not None  # the end-of-fit slice still ran
+    assert list(tmp_path.iterdir()) == []

@@ -150,7 +150,7 @@ class LossLandscape(MonitorCallback):
         slice_points_2d: points per axis of the 2-D slice (>= 2).
         one_d: direction of 1-D parameters (biases, norm affines): ``"zero"`` or ``"filter"``.
         save_dir: where slice data goes; ``None``: ``<trainer.log_dir>/landscape`` (no files
-            when the Trainer has no log directory).
+            when the Trainer has no logger).
         loss_fn: ``loss_fn(module, batch) -> Tensor`` instead of the module's ``training_step``.
         seed: seed of the callback's own random generators (Hessian start vectors, directions).
 
@@ -445,8 +445,9 @@ class LossLandscape(MonitorCallback):
         self._slices += 1
         self.last_slice = data
         folder = self.save_dir
-        if folder is None:
+        if folder is None and trainer.loggers:
             # Trainer.log_dir broadcasts from rank 0: every rank must ask, not only rank 0.
+            # Without a logger it falls back to the working directory: write nothing there.
             log_dir = trainer.log_dir
             folder = os.path.join(log_dir, "landscape") if log_dir is not None else None
         if trainer.is_global_zero:
