@@ -74,3 +74,48 @@ def test_landscape_without_logger_writes_no_files(tmp_path, monkeypatch):
     cpu_trainer(max_steps=2, callbacks=[callback]).fit(Classifier())
     assert callback.last_slice is not None  # the end-of-fit slice still ran
     assert list(tmp_path.iterdir()) == []
+
+
+def _noisy_net():
+    from torch import nn
+
+    from lightning_norm.layers import NoisyBatchNorm
+
+    generator = torch.Generator().manual_seed(7)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        NoisyBatchNorm(4, generator=generator),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+    )
+
+
+def test_probes_replay_and_restore_a_layer_s_own_generator(tmp_path):
+    """Noisy BN with its own torch.Generator: probes replay its draws and leave it untouched."""
+
+    def run(callbacks):
+        L.seed_everything(0)
+        module = Classifier(net=_noisy_net(), n=64, batch_size=16)
+        cpu_trainer(max_steps=4, callbacks=callbacks).fit(module)
+        return module, module.net[1].generator.get_state()
+
+    bare, bare_gen = run([])
+    probed, probed_gen = run(
+        [ICSDrift(every_n_steps=1), LossLandscape(every_n_steps=1, slice_at_end=False)]
+    )
+    assert torch.equal(bare_gen, probed_gen)
+    for a, b in zip(bare.state_dict().values(), probed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_replay_reproduces_the_noise_of_a_layer_s_own_generator():
+    net = _noisy_net()
+    x = torch.randn(8, 3, 5, 5)
+    rng = RngState.capture(net)
+    real = net(x).sum()
+    after_real = net[1].generator.get_state()
+    replay = StepReplay(net, lambda m: m(x).sum(), rng_state=rng)
+    torch.testing.assert_close(replay.loss(), real.detach(), rtol=0, atol=0)
+    assert torch.equal(net[1].generator.get_state(), after_real)

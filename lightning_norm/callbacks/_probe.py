@@ -74,7 +74,10 @@ def capture_step(trainer: pl.Trainer, batch: Any, batch_idx: int) -> StepCapture
     callbacks before such callbacks.
     """
     return StepCapture(
-        batch=batch, batch_idx=batch_idx, rng=RngState.capture(), step=trainer.global_step
+        batch=batch,
+        batch_idx=batch_idx,
+        rng=RngState.capture(trainer.lightning_module),
+        step=trainer.global_step,
     )
 
 

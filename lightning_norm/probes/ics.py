@@ -164,7 +164,7 @@ def ics_drift(
     Example::
 
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        rng = RngState.capture()
+        rng = RngState.capture(model)
         loss_fn(model).backward(); opt.step()
         replay = StepReplay(model, loss_fn, rng_state=rng)
         result = ics_drift(replay, before, ["layers.8", "layers.16"])

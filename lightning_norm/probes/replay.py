@@ -42,6 +42,7 @@ __all__ = [
     "StepReplay",
     "all_reduce_mean",
     "is_replaying",
+    "module_generators",
     "preserved_rng",
     "trainable_parameters",
 ]
@@ -84,10 +85,13 @@ def _numpy_random() -> Any:
 
 @dataclass(frozen=True)
 class RngState:
-    """A snapshot of every global random-number generator a training step may draw from.
+    """A snapshot of every random-number generator a training step may draw from.
 
     Holds torch's CPU generator, each CUDA device's generator (only when CUDA is initialised, so
-    capturing never initialises CUDA), Python's ``random`` and NumPy's global generator.
+    capturing never initialises CUDA), Python's ``random`` and NumPy's global generator, and,
+    when a module is given, every ``torch.Generator`` its submodules hold as attributes (e.g.
+    ``NoisyBatchNorm(generator=...)``), so a layer's private noise stream is replayed and
+    restored like the global ones.
 
     Example::
 
@@ -101,10 +105,11 @@ class RngState:
     cuda: tuple[Tensor, ...] | None
     python: Any
     numpy: Any
+    generators: tuple[tuple[torch.Generator, Tensor], ...] = ()
 
     @classmethod
-    def capture(cls) -> RngState:
-        """The generators' current state."""
+    def capture(cls, module: nn.Module | None = None) -> RngState:
+        """The generators' current state (also those held by ``module``'s submodules)."""
         cuda = None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             cuda = tuple(torch.cuda.get_rng_state_all())
@@ -114,6 +119,7 @@ class RngState:
             cuda=cuda,
             python=random.getstate(),
             numpy=np_random.get_state() if np_random is not None else None,
+            generators=tuple((g, g.get_state()) for g in module_generators(module)),
         )
 
     def restore(self) -> None:
@@ -125,18 +131,34 @@ class RngState:
         np_random = _numpy_random()
         if self.numpy is not None and np_random is not None:
             np_random.set_state(self.numpy)
+        for generator, state in self.generators:
+            generator.set_state(state)
+
+
+def module_generators(module: nn.Module | None) -> list[torch.Generator]:
+    """The distinct ``torch.Generator`` objects held as attributes by ``module``'s submodules."""
+    if module is None:
+        return []
+    found: dict[int, torch.Generator] = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if isinstance(value, torch.Generator):
+                found.setdefault(id(value), value)
+    return list(found.values())
 
 
 @contextlib.contextmanager
-def preserved_rng() -> Iterator[RngState]:
+def preserved_rng(module: nn.Module | None = None) -> Iterator[RngState]:
     """Run a block and put every random-number generator back as it was, even on an exception.
+
+    ``module``: also preserve the generators its submodules hold (see :class:`RngState`).
 
     Example::
 
         with preserved_rng():
             torch.rand(3)  # the caller's stream does not advance
     """
-    saved = RngState.capture()
+    saved = RngState.capture(module)
     try:
         yield saved
     finally:
@@ -299,7 +321,7 @@ class StepReplay:
             values["module." + name] = v
         for name, b in self.module.named_buffers():
             values["module." + name] = b.clone()
-        with preserved_rng():
+        with preserved_rng(self.module):
             self.rng_state.restore()
             with torch.enable_grad(), self.context(), _replaying():
                 loss = torch.func.functional_call(self._wrapper, values, ())
