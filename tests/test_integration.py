@@ -1,6 +1,7 @@
 """All callbacks in one Trainer: they must not disturb training or each other's measurements."""
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -119,3 +120,23 @@ def test_replay_reproduces_the_noise_of_a_layer_s_own_generator():
     replay = StepReplay(net, lambda m: m(x).sum(), rng_state=rng)
     torch.testing.assert_close(replay.loss(), real.detach(), rtol=0, atol=0)
     assert torch.equal(net[1].generator.get_state(), after_real)
+
+
+@pytest.mark.parametrize("surgery_first", [True, False])
+def test_monitors_follow_a_surgery_listed_in_either_order(surgery_first):
+    from lightning_norm.callbacks import NormSurgery
+    from lightning_norm.layers import LpBatchNorm
+    from tests.helpers import MemoryLogger
+
+    monitors = [ActivationMoments(), GradientNorms()]
+    surgery = NormSurgery("lp1")
+    callbacks = [surgery, *monitors] if surgery_first else [*monitors, surgery]
+    logger = MemoryLogger()
+    module = Classifier()
+    cpu_trainer(max_steps=2, callbacks=callbacks, logger=logger).fit(module)
+    assert isinstance(module.net[1], LpBatchNorm)
+    assert [name for name, _ in monitors[0].layers] == ["net.1", "net.5"]
+    assert monitors[0].layers[0][1] is module.net[1]
+    keys = set().union(*(row[1] for row in logger.rows))
+    assert {"activation/net.1/mean", "activation/net.5/std"} <= keys
+    assert {"grad_norm/net.1", "weight_norm/net.5"} <= keys

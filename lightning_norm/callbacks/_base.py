@@ -30,6 +30,7 @@ Subclass recipe::
             super().__init__(**options)
 
         def on_fit_start(self, trainer, pl_module):
+            super().on_fit_start(trainer, pl_module)  # final layer resolution
             for name, module in self.layers:
                 self._handles.append(module.register_forward_hook(...))
 
@@ -174,6 +175,13 @@ class MonitorCallback(Callback):
         self.layers = self.resolve_layers(pl_module)
         self.sink = LogSink(trainer.loggers)
         self.is_global_zero = trainer.is_global_zero
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Callbacks' ``setup`` hooks run in list order, so a NormSurgery listed after this
+        # callback (or any later setup that changes the model) swaps modules after ``setup``
+        # resolved them, and hooks would sit on orphaned modules. Every setup has run by now:
+        # resolve again against the final model (``setup`` already validated the selection).
+        self.layers = self.resolve_layers(pl_module)
 
     def warn_if_no_logger(self, trainer: L.Trainer) -> None:
         """Tell the user once (rank zero) that nothing will be written: no logger is attached."""

@@ -181,6 +181,7 @@ class ActivationMoments(MonitorCallback):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self.warn_if_no_logger(trainer)
         # One recorder per stage, so validation never touches a training step's accumulators;
         # both draw the same units (a pure function of the seed, the layer name and its width).

@@ -156,6 +156,7 @@ class ICSDrift(MonitorCallback):
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         check_probe_support(trainer, pl_module, "ICSDrift")
 
     def on_train_batch_start(

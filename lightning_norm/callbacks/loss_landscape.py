@@ -276,6 +276,7 @@ class LossLandscape(MonitorCallback):
         check_probe_support(trainer, pl_module, "LossLandscape")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         check_probe_support(trainer, pl_module, "LossLandscape")
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         for opt in trainer.optimizers:
