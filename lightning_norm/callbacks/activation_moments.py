@@ -167,6 +167,9 @@ class ActivationMoments(MonitorCallback):
         self._stride = 1
         # (global step after the recorded step, {layer: (unit means, unit vars)}) for deltas.
         self._prev: tuple[int, dict[str, tuple[Tensor, Tensor]]] | None = None
+        # ``_prev`` from a checkpoint, put in place at ``on_train_start`` (Lightning may restore
+        # callback state before or after ``on_fit_start``, which resets ``_prev``).
+        self._loaded_prev: tuple[int, dict[str, tuple[Tensor, Tensor]]] | None = None
 
     def state_key_settings(self) -> dict[str, Any]:
         settings = {
@@ -189,6 +192,13 @@ class ActivationMoments(MonitorCallback):
         self.val_recorder = self._new_recorder() if "validate" in self.stages else None
         self._armed_step = None
         self._prev = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run's first delta compares with the last step recorded before the checkpoint.
+        loaded, self._loaded_prev = self._loaded_prev, None
+        if loaded is not None:
+            dev = pl_module.device
+            self._prev = (loaded[0], {n: (m.to(dev), v.to(dev)) for n, (m, v) in loaded[1].items()})
 
     def _new_recorder(self) -> ActivationRecorder:
         rec = ActivationRecorder(
@@ -218,6 +228,10 @@ class ActivationMoments(MonitorCallback):
             if rec is not None:
                 rec.detach()
         self._armed_step = None
+        if (
+            self._prev is not None
+        ):  # kept for a checkpoint saved after fit (trainer.save_checkpoint)
+            self._loaded_prev = self._prev
         self._prev = None
 
     # Validation inside fit must not add to a step that is still accumulating micro-batches.
@@ -329,10 +343,26 @@ class ActivationMoments(MonitorCallback):
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"units": {k: list(v) for k, v in self._units().items()}}
+        state: dict[str, Any] = {"units": {k: list(v) for k, v in self._units().items()}}
+        prev = self._prev if self._prev is not None else self._loaded_prev
+        if prev is not None:  # the units' moments the next step's deltas compare with
+            # plain lists (exact for float32/64), so state dicts compare with ``==``
+            state["prev"] = (
+                prev[0],
+                {n: (str(m.dtype), m.tolist(), v.tolist()) for n, (m, v) in prev[1].items()},
+            )
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._units_state = {k: list(v) for k, v in state_dict.get("units", {}).items()}
+        prev = state_dict.get("prev")
+        self._loaded_prev = None
+        if prev is not None:
+            moments = {}
+            for n, (dtype, m, v) in prev[1].items():
+                dt = getattr(torch, dtype.removeprefix("torch."))
+                moments[n] = (torch.tensor(m, dtype=dt), torch.tensor(v, dtype=dt))
+            self._loaded_prev = (prev[0], moments)
         for rec in (self.recorder, self.val_recorder):
             if rec is not None:
                 rec.load_state_dict({"units": self._units_state})
