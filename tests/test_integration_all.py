@@ -20,9 +20,11 @@ from lightning_norm.callbacks import (
     NormSurgery,
 )
 from lightning_norm.callbacks._base import MonitorCallback
+from lightning_norm.errors import ConfigurationError
 from lightning_norm.layers import LpBatchNorm
 from lightning_norm.plugins import NormSync
-from tests.helpers import Classifier, MemoryLogger, cpu_trainer, random_images
+from lightning_norm.probes.replay import is_replaying
+from tests.helpers import Classifier, MemoryLogger, cpu_trainer, random_images, small_convnet
 
 PREFIXES = (
     "activation/",
@@ -236,10 +238,34 @@ def test_second_fit_validate_and_test_leave_no_hooks(tmp_path):
     assert "ics/net.0/l2" in logged[2] and "landscape/total/beta_eff" in logged[2]
 
 
+def test_refused_setup_and_a_failing_step_leave_no_hooks_and_a_later_fit_works():
+    module = FullModule()
+    trainer = cpu_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=all_callbacks())
+    with pytest.raises(ConfigurationError, match="accumulate_grad_batches=2"):
+        trainer.fit(module)  # documented: the probes refuse gradient accumulation
+    assert hooks_left(module) == []
+
+    class Failing(FullModule):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1 and not is_replaying():
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    module = Failing()
+    callbacks = all_callbacks()
+    with pytest.raises(RuntimeError, match="boom"):
+        cpu_trainer(max_steps=3, callbacks=callbacks).fit(module)
+    assert hooks_left(module) == [] and not is_replaying()
+    logger = MemoryLogger()
+    cpu_trainer(max_steps=1, callbacks=callbacks, logger=logger).fit(module)
+    assert hooks_left(module) == []
+    assert "activation/net.1/mean" in metrics(logger)[0]
+
+
 # -- 4. bf16-mixed ------------------------------------------------------------------------------
-def test_bf16_mixed_with_every_callback(tmp_path):
+def test_bf16_mixed_with_every_callback(tmp_path, caplog):
     L.seed_everything(0)
-    module = FullModule(net=None)
+    module = FullModule(net=small_convnet())  # with dropout: the replays must redraw its masks
     logger = MemoryLogger()
     cpu_trainer(max_steps=3, precision="bf16-mixed", logger=logger, callbacks=all_callbacks()).fit(
         module
@@ -254,3 +280,5 @@ def test_bf16_mixed_with_every_callback(tmp_path):
             if not k.endswith("cosine") and "delta" not in k:
                 assert math.isfinite(v), (step, k, v)
     assert hooks_left(module) == []
+    # the probes' replays (under the same autocast) reproduce the real step's loss
+    assert "replayed loss" not in caplog.text
