@@ -282,3 +282,22 @@ def test_bf16_mixed_with_every_callback(tmp_path, caplog):
     assert hooks_left(module) == []
     # the probes' replays (under the same autocast) reproduce the real step's loss
     assert "replayed loss" not in caplog.text
+
+
+def test_64_true_with_every_callback():
+    """Was: GradientNorms failed on float64 parameters (a float32 norm of a float64 tensor)."""
+    module = FullModule()
+    logger = MemoryLogger()
+    trainer = cpu_trainer(
+        max_steps=2, precision="64-true", logger=logger, callbacks=all_callbacks()
+    )
+    trainer.fit(module)
+    logged = metrics(logger)
+    assert sorted(logged) == [0, 1]
+    assert module.net[0].weight.dtype == torch.float64
+    conv = FullModule().net[0]  # the same initial weights (seeded), in float64 here
+    w0 = torch.cat([conv.weight.double().flatten(), conv.bias.double()])
+    assert logged[0]["weight_norm/net.0"] == pytest.approx(w0.norm().item(), rel=1e-6)
+    assert logged[0]["dist_from_init/net.0"] == 0.0
+    assert "ics/net.0/l2" in logged[0] and "landscape/total/beta_eff" in logged[0]
+    assert hooks_left(module) == []

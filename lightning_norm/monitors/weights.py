@@ -23,11 +23,14 @@ def tensor_norms(tensors: Sequence[Tensor], p: float = 2.0) -> Tensor:
     """``(len(tensors),)`` float32: the p-norm of each tensor (its values flattened)."""
     if not tensors:
         return torch.zeros(0)
+    # Accumulate in float32, or float64 for float64 tensors ("64-true" precision): the norm's
+    # dtype may not narrow its input's.
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     try:
-        norms = torch._foreach_norm(list(tensors), p, dtype=torch.float32)
+        norms = torch._foreach_norm(list(tensors), p, dtype=dtype)
     except (RuntimeError, TypeError):  # older builds, mixed devices
-        norms = [torch.linalg.vector_norm(t, p, dtype=torch.float32) for t in tensors]
-    return torch.stack(norms)
+        norms = [torch.linalg.vector_norm(t, p, dtype=dtype) for t in tensors]
+    return torch.stack(norms).to(torch.float32)
 
 
 class ParameterNorms:
