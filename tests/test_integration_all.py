@@ -301,3 +301,26 @@ def test_64_true_with_every_callback():
     assert logged[0]["dist_from_init/net.0"] == 0.0
     assert "ics/net.0/l2" in logged[0] and "landscape/total/beta_eff" in logged[0]
     assert hooks_left(module) == []
+
+
+def test_bf16_true_with_every_callback_and_a_slice(tmp_path):
+    """Was: the landscape slice's figure failed on bfloat16 losses (numpy has no bfloat16)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    module = FullModule()
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    landscape = LossLandscape(
+        every_n_steps=2,
+        num_points=3,
+        slice_steps=(1,),
+        slice_points=3,
+        slice_2d=True,
+        slice_points_2d=3,
+    )
+    callbacks = [*all_callbacks()[:-1], landscape]
+    cpu_trainer(max_steps=2, precision="bf16-true", logger=logger, callbacks=callbacks).fit(module)
+    assert module.net[0].weight.dtype == torch.bfloat16
+    data = torch.load(tmp_path / "run" / "version_0" / "landscape" / "slice_step0000001.pt")
+    assert data["losses_1d"].shape == (3,) and torch.isfinite(data["losses_1d"]).all()
+    assert data["losses_2d"].shape == (3, 3)
+    assert hooks_left(module) == []

@@ -460,7 +460,8 @@ class LossLandscape(MonitorCallback):
 
         fig = Figure(figsize=(4.5, 3.2))
         ax = fig.add_subplot()
-        ax.plot(data["alphas"].numpy(), data["losses_1d"].numpy(), marker=".")
+        # float64 for numpy, which has no bfloat16 (precision="bf16-true")
+        ax.plot(data["alphas"].numpy(), data["losses_1d"].double().numpy(), marker=".")
         ax.set_xlabel("alpha (filter-normalized random direction)")
         ax.set_ylabel("training loss on the batch")
         ax.set_title(f"loss slice, step {step}")
@@ -471,7 +472,7 @@ class LossLandscape(MonitorCallback):
             fig = Figure(figsize=(4.5, 4.0))
             ax = fig.add_subplot()
             c = data["coords_2d"].numpy()
-            z = np.ma.masked_invalid(data["losses_2d"].numpy())
+            z = np.ma.masked_invalid(data["losses_2d"].double().numpy())
             cs = ax.contour(c, c, z.T, levels=20)
             fig.colorbar(cs, ax=ax)
             ax.set_xlabel("alpha (direction 1)")
