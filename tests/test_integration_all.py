@@ -238,6 +238,21 @@ def test_second_fit_validate_and_test_leave_no_hooks(tmp_path):
     assert "ics/net.0/l2" in logged[2] and "landscape/total/beta_eff" in logged[2]
 
 
+def test_state_loaded_by_validate_does_not_leak_into_a_later_fit(tmp_path):
+    callbacks = all_callbacks()
+    first = FullModule()
+    trainer = cpu_trainer(max_steps=2, callbacks=callbacks, limit_val_batches=1)
+    trainer.fit(first)
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    trainer.validate(first, ckpt_path=tmp_path / "first.ckpt")  # loads the callbacks' state
+    torch.manual_seed(1)
+    second = Classifier(net=no_dropout_net())  # another initialisation, same shapes
+    logger = MemoryLogger()
+    cpu_trainer(max_steps=1, callbacks=callbacks, logger=logger).fit(second)
+    # a fresh fit measures from its own initialisation, not the validated checkpoint's
+    assert metrics(logger)[0]["dist_from_init/total"] == 0.0
+
+
 def test_refused_setup_and_a_failing_step_leave_no_hooks_and_a_later_fit_works():
     module = FullModule()
     trainer = cpu_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=all_callbacks())

@@ -132,6 +132,9 @@ class GradientNorms(MonitorCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        # A checkpoint's origin is restored after this hook (load_state_dict) when this fit
+        # resumes; one loaded earlier (a `validate(ckpt_path=...)`) is not this fit's.
+        self._loaded_init = None
         self.warn_if_no_logger(trainer)
         norms = ParameterNorms(pl_module, [(n or "root", m) for n, m in self.layers])
         if not norms.layer_names:
