@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_norm import swap_norms
 from lightning_norm.callbacks import (
     ActivationMoments,
     GradientNorms,
@@ -159,6 +160,41 @@ def test_ddp_spawn_with_every_callback_agrees_on_both_ranks(tmp_path):
         assert m0[step].keys() == m1[step].keys(), step
         for k, v in m0[step].items():
             assert same(v, m1[step][k]), (step, k, v, m1[step][k])
+
+
+def _ddp_run(folder, ckpt_path=None, checkpoint=False):
+    L.seed_everything(0)
+    module = FullModule(momentum=0.9, n=32, batch_size=16)  # one batch per rank and epoch
+    swap_norms(module, "lp1")  # as NormSurgery's docs advise under ddp_spawn (it then finds none)
+    extra = [ModelCheckpoint(dirpath=folder / "ck", every_n_train_steps=2, save_top_k=-1)]
+    trainer = cpu_trainer(
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=4,
+        logger=MemoryLogger(),
+        plugins=[NormSync()],
+        callbacks=[*all_callbacks(), Dump(str(folder)), *(extra if checkpoint else [])],
+        enable_checkpointing=checkpoint,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_spawn_resume_with_every_callback_matches_an_uninterrupted_run(tmp_path):
+    for d in ("full", "first", "resumed"):
+        (tmp_path / d).mkdir()
+    full, _ = _ddp_run(tmp_path / "full")
+    _ddp_run(tmp_path / "first", checkpoint=True)
+    (ckpt,) = (tmp_path / "first" / "ck").glob("*step=2.ckpt")
+    r0, r1 = _ddp_run(tmp_path / "resumed", ckpt_path=str(ckpt))
+    for k, v in full["params"].items():
+        assert torch.equal(v, r0["params"][k]) and torch.equal(v, r1["params"][k]), k
+    assert sorted(r0["metrics"]) == [2, 3]
+    for step, row in r0["metrics"].items():
+        assert row.keys() == full["metrics"][step].keys() == r1["metrics"][step].keys(), step
+        for k, v in row.items():
+            assert same(v, full["metrics"][step][k]) and same(v, r1["metrics"][step][k]), k
 
 
 # -- 2. checkpoint and resume ------------------------------------------------------------------
