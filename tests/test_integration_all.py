@@ -8,7 +8,7 @@ import os
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -294,6 +294,15 @@ def test_refused_setup_and_a_failing_step_leave_no_hooks_and_a_later_fit_works()
     trainer = cpu_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=all_callbacks())
     with pytest.raises(ConfigurationError, match="accumulate_grad_batches=2"):
         trainer.fit(module)  # documented: the probes refuse gradient accumulation
+    assert hooks_left(module) == []
+    # Was: a GradientAccumulationScheduler turning accumulation on mid-fit got past the check at
+    # setup, and the probes silently replayed only the last micro-batch of each step.
+    module = FullModule()
+    schedule = GradientAccumulationScheduler({1: 2})
+    trainer = cpu_trainer(max_steps=6, callbacks=[*all_callbacks(), schedule])
+    with pytest.raises(ConfigurationError, match="GradientAccumulationScheduler"):
+        trainer.fit(module)
+    assert trainer.global_step == 4  # epoch 0 (4 batches) ran; refused as epoch 1 starts
     assert hooks_left(module) == []
 
     class Failing(FullModule):

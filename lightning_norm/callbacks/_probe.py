@@ -37,6 +37,7 @@ from lightning_norm.probes.replay import ReplayError, RngState, StepReplay, all_
 __all__ = [
     "StepCapture",
     "capture_step",
+    "check_no_accumulation",
     "check_probe_support",
     "make_replay",
     "silenced_logging",
@@ -196,6 +197,22 @@ def make_replay(
     )
 
 
+def check_no_accumulation(trainer: pl.Trainer, who: str) -> None:
+    """Refuse gradient accumulation; also call from ``on_train_batch_start``, because a
+    ``GradientAccumulationScheduler`` changes ``trainer.accumulate_grad_batches`` mid-fit.
+
+    Raises:
+        ConfigurationError: ``trainer.accumulate_grad_batches`` is not 1.
+    """
+    if trainer.accumulate_grad_batches != 1:
+        raise ConfigurationError(
+            f"{who} replays one batch per optimizer step, but `accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches}` (the Trainer's, or set by a "
+            f"GradientAccumulationScheduler) spreads a step over several batches. Use "
+            f"`Trainer(accumulate_grad_batches=1)` (a larger batch size instead) while probing."
+        )
+
+
 def check_probe_support(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
     """Refuse setups a step replay cannot reproduce; call from ``setup`` and ``on_fit_start``.
 
@@ -212,12 +229,7 @@ def check_probe_support(trainer: pl.Trainer, pl_module: pl.LightningModule, who:
             "which update a step applied; this module sets `automatic_optimization = False`. "
             f"Remove {who} or use automatic optimization."
         )
-    if trainer.accumulate_grad_batches != 1:
-        raise ConfigurationError(
-            f"{who} replays one batch per optimizer step, but `accumulate_grad_batches="
-            f"{trainer.accumulate_grad_batches}` spreads a step over several batches. Use "
-            f"`Trainer(accumulate_grad_batches=1)` (a larger batch size instead) while probing."
-        )
+    check_no_accumulation(trainer, who)
     if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
         raise ConfigurationError(
             f"{who} replays the batch `training_step` received, but this `training_step` takes "

@@ -14,6 +14,7 @@ from lightning_norm.callbacks._base import Measurement, MonitorCallback, Schedul
 from lightning_norm.callbacks._probe import (
     StepCapture,
     capture_step,
+    check_no_accumulation,
     check_probe_support,
     make_replay,
 )
@@ -72,7 +73,8 @@ class ICSDrift(MonitorCallback):
     Raises:
         ConfigurationError: bad schedule, ``layers`` or ``loss_fn`` (construction); manual
             optimization, gradient accumulation or a sharded strategy (``setup``); several
-            optimizers (``on_fit_start``).
+            optimizers (``on_fit_start``); accumulation turned on mid-fit by a
+            ``GradientAccumulationScheduler`` (the first batch it applies to).
         SelectionError: a layer name does not exist or a layer owns no trainable parameter
             (``setup``); a layer does not run in the forward pass (first probe).
 
@@ -162,6 +164,7 @@ class ICSDrift(MonitorCallback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        check_no_accumulation(trainer, "ICSDrift")
         self._capture = self._before = None
         if self.is_due(trainer.global_step):
             self._capture = capture_step(trainer, batch, batch_idx)

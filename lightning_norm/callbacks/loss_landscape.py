@@ -18,6 +18,7 @@ from lightning_norm.callbacks._base import MonitorCallback
 from lightning_norm.callbacks._probe import (
     StepCapture,
     capture_step,
+    check_no_accumulation,
     check_probe_support,
     make_replay,
 )
@@ -158,7 +159,8 @@ class LossLandscape(MonitorCallback):
         ConfigurationError: a setting is out of range (at construction); the Trainer uses
             manual optimization, gradient accumulation, a sharded strategy or
             several optimizers, or a probed parameter is not in the module (at ``setup`` /
-            ``on_fit_start``).
+            ``on_fit_start``); accumulation turned on mid-fit by a
+            ``GradientAccumulationScheduler`` (the first batch it applies to).
 
     Example::
 
@@ -292,6 +294,7 @@ class LossLandscape(MonitorCallback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        check_no_accumulation(trainer, "LossLandscape")
         step = trainer.global_step
         if self.is_due(step) or step in self.slice_steps:
             # A reference to the batch and the RNG state, kept until the next capture: the
