@@ -262,6 +262,7 @@ def test_second_fit_validate_and_test_leave_no_hooks(tmp_path):
 
     # the same Trainer, further (resuming its loop), and a new Trainer with the same callbacks
     trainer.fit_loop.epoch_loop.max_steps = 4
+    weights_at_2 = torch.cat([p.detach().flatten() for p in module.parameters()])
     trainer.fit(module)
     assert hooks_left(module) == []
     assert module.net[1] is swapped  # swapped once
@@ -269,6 +270,12 @@ def test_second_fit_validate_and_test_leave_no_hooks(tmp_path):
     assert hooks_left(module) == []
     assert module.net[1] is swapped
     logged = metrics(logger)
+    # the continued fit measures from the first fit's initialisation (was: from its own start)
+    init = FullModule()
+    w = torch.cat([p.detach().flatten() for p in init.parameters()])
+    assert logged[2]["dist_from_init/total"] == pytest.approx(
+        (weights_at_2 - w).norm().item(), rel=1e-5
+    )
     assert {2, 3} <= set(logged)
     assert "activation/net.1/mean" in logged[3] and "grad_norm/total" in logged[3]
     assert "ics/net.0/l2" in logged[2] and "landscape/total/beta_eff" in logged[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -51,8 +52,9 @@ class GradientNorms(MonitorCallback):
       ``W(t)`` is copied at the first ``on_before_optimizer_step`` of a due step, ``W(t+1)`` read
       at ``on_train_batch_end``; several optimizers stepping in one batch all count.
     * ``dist_from_init = ||W_l(t) - W_l(0)||_2`` with ``W(0)`` copied at the first
-      ``on_train_start`` and kept in the callback state, so a resumed run measures from the same
-      origin (the checkpoint then holds one extra copy of the weights).
+      ``on_train_start`` and kept in the callback state, so a resumed run (and a later ``fit`` of
+      the same module) measures from the same origin (the checkpoint then holds one extra copy of
+      the weights).
 
     Layers whose parameters no optimizer stepped in a due batch get no ``grad_norm`` and
     ``update_ratio`` that step. Weight quantities use the L2 norm whatever ``norm_type``.
@@ -111,6 +113,9 @@ class GradientNorms(MonitorCallback):
         self.log_clipped = log_clipped
         self.norms: ParameterNorms | None = None
         self._init: list[Tensor] | None = None
+        # the module ``_init`` was copied from: a later fit of the same module keeps the origin
+        self._init_owner: weakref.ref[nn.Module] | None = None
+        self._init_names: list[str] = []
         self._loaded_init: dict[str, Tensor] | None = None
         self._reset_batch()
 
@@ -154,12 +159,19 @@ class GradientNorms(MonitorCallback):
             return
         loaded = self._loaded_init or {}
         current = self.norms.snapshot()
+        owner = self._init_owner() if self._init_owner is not None else None
+        if not loaded and owner is pl_module and self._init is not None:
+            # A second fit of the same module (no checkpoint restored): W(0) stays the first
+            # fit's, so the series goes on as in one uninterrupted fit.
+            loaded = dict(zip(self._init_names, self._init, strict=True))
         self._init = [
             loaded[n].to(device=c.device, dtype=c.dtype)
             if n in loaded and loaded[n].shape == c.shape
             else c
             for n, c in zip(self.norms.param_names, current, strict=True)
         ]
+        self._init_names = list(self.norms.param_names)
+        self._init_owner = weakref.ref(pl_module)
         self._loaded_init = None
 
     def release(self) -> None:
@@ -239,6 +251,13 @@ class GradientNorms(MonitorCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_init = state_dict.get("init")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Weak references do not pickle (ddp_spawn pickles the callbacks); a worker's module is
+        # a copy anyway.
+        state = self.__dict__.copy()
+        state["_init_owner"] = None
+        return state
 
 
 __all__ = ["MODULES_WITH_PARAMETERS", "GradientNorms"]
