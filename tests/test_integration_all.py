@@ -135,19 +135,29 @@ class Dump(Callback):
         torch.save(out, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
 
 
-@pytest.mark.ddp
-def test_ddp_spawn_with_every_callback_agrees_on_both_ranks(tmp_path):
+def _ddp_run(folder, *, max_steps=4, swap_first=True, ckpt_path=None, checkpoint=False):
+    """A 2-process ddp_spawn fit with every callback; each rank's :class:`Dump`."""
+    L.seed_everything(0)
+    module = FullModule(momentum=0.9, n=32, batch_size=16)  # one batch per rank and epoch
+    if swap_first:  # as NormSurgery's docs advise under ddp_spawn (it then finds none)
+        swap_norms(module, "lp1")
+    extra = [ModelCheckpoint(dirpath=folder / "ck", every_n_train_steps=2, save_top_k=-1)]
     trainer = cpu_trainer(
         strategy="ddp_spawn",
         devices=2,
-        max_steps=3,
+        max_steps=max_steps,
         logger=MemoryLogger(),
         plugins=[NormSync()],
-        callbacks=[*all_callbacks(), Dump(str(tmp_path))],
+        callbacks=[*all_callbacks(), Dump(str(folder)), *(extra if checkpoint else [])],
+        enable_checkpointing=checkpoint,
     )
-    trainer.fit(FullModule(batch_size=8))
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_spawn_with_every_callback_agrees_on_both_ranks(tmp_path):
+    r0, r1 = _ddp_run(tmp_path, max_steps=3, swap_first=False)  # NormSurgery swaps in workers
     assert "SyncLpBatchNorm" in r0["types"] and r0["types"] == r1["types"]
     for k, v in r0["params"].items():
         assert torch.equal(v, r1["params"][k]), k
@@ -160,24 +170,6 @@ def test_ddp_spawn_with_every_callback_agrees_on_both_ranks(tmp_path):
         assert m0[step].keys() == m1[step].keys(), step
         for k, v in m0[step].items():
             assert same(v, m1[step][k]), (step, k, v, m1[step][k])
-
-
-def _ddp_run(folder, ckpt_path=None, checkpoint=False):
-    L.seed_everything(0)
-    module = FullModule(momentum=0.9, n=32, batch_size=16)  # one batch per rank and epoch
-    swap_norms(module, "lp1")  # as NormSurgery's docs advise under ddp_spawn (it then finds none)
-    extra = [ModelCheckpoint(dirpath=folder / "ck", every_n_train_steps=2, save_top_k=-1)]
-    trainer = cpu_trainer(
-        strategy="ddp_spawn",
-        devices=2,
-        max_steps=4,
-        logger=MemoryLogger(),
-        plugins=[NormSync()],
-        callbacks=[*all_callbacks(), Dump(str(folder)), *(extra if checkpoint else [])],
-        enable_checkpointing=checkpoint,
-    )
-    trainer.fit(module, ckpt_path=ckpt_path)
-    return torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
 
 
 @pytest.mark.ddp
