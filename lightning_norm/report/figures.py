@@ -131,6 +131,16 @@ def _pick(layers: list[str], k: int) -> list[str]:
     return [layers[i] for i in dict.fromkeys(idx)]
 
 
+def _skipped(key: str, title: str, caption: str, message: str) -> Figure:
+    """A figure that could not be drawn: no picture, one message saying what to log."""
+    return Figure(key, title, caption, None, [message])
+
+
+def _finish(fig: Any, group: str, title: str) -> None:
+    fig.suptitle(f"{group}: {title}", fontsize=10)
+    fig.tight_layout()
+
+
 def _missing(runs: Sequence[Run], tags: Sequence[str], what: str) -> list[str]:
     lacking = [label(r) for r in runs if not any(r.has(t) for t in tags)]
     if lacking and len(lacking) < len(runs):
@@ -149,15 +159,12 @@ def fig_training(runs: Sequence[Run], group: str) -> Figure:
     has_acc = [r for r in runs if r.has("train/acc")]
     has_loss = [r for r in runs if r.has("train/loss")]
     if not has_acc and not has_loss:
-        return Figure(
+        return _skipped(
             "fig1_training",
             title,
             caption,
-            None,
-            [
-                f"Fig. 1a skipped for {group!r}: no run logged train/acc or train/loss "
-                "(log them from the LightningModule, as lightning_norm.experiments does)."
-            ],
+            f"Fig. 1a skipped for {group!r}: no run logged train/acc or train/loss "
+            "(log them from the LightningModule, as lightning_norm.experiments does).",
         )
     panels = []
     if has_acc:
@@ -189,8 +196,7 @@ def fig_training(runs: Sequence[Run], group: str) -> Figure:
             _logy(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{group}: {title}", fontsize=10)
-    fig.tight_layout()
+    _finish(fig, group, title)
     return Figure(
         "fig1_training", title, caption, fig, _missing(runs, ["train/acc", "train/loss"], "Fig. 1a")
     )
@@ -213,15 +219,12 @@ def fig_activations(runs: Sequence[Run], group: str) -> Figure:
     )
     layers = layers_with(runs, "activation", "p50")
     if not layers:
-        return Figure(
+        return _skipped(
             "fig2_activations",
             title,
             caption,
-            None,
-            [
-                f"Fig. 1b/2 skipped for {group!r}: no run logged activation/<layer>/p50 or "
-                "unit<j>_p50 (attach lightning_norm.callbacks.ActivationMoments)."
-            ],
+            f"Fig. 1b/2 skipped for {group!r}: no run logged activation/<layer>/p50 or "
+            "unit<j>_p50 (attach lightning_norm.callbacks.ActivationMoments).",
         )
     chosen = _pick(layers, 2)
     shown = [r for r in runs if any(r.has(f"activation/{lay}/p50") for lay in chosen)]
@@ -256,8 +259,7 @@ def fig_activations(runs: Sequence[Run], group: str) -> Figure:
             ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("step", fontsize=8)
-    fig.suptitle(f"{group}: {title}", fontsize=10)
-    fig.tight_layout()
+    _finish(fig, group, title)
     msgs = _missing(runs, [f"activation/{chosen[0]}/p50"], "Fig. 1b/2") + notes[:2]
     return Figure("fig2_activations", title, caption, fig, msgs)
 
@@ -272,15 +274,12 @@ def fig_ics(runs: Sequence[Run], group: str) -> Figure:
     )
     layers = layers_with(runs, "ics", "l2")
     if not layers:
-        return Figure(
+        return _skipped(
             "fig3_ics",
             title,
             caption,
-            None,
-            [
-                f"Fig. 3 skipped for {group!r}: no run logged ics/<layer>/l2 and cosine "
-                "(attach lightning_norm.callbacks.ICSDrift)."
-            ],
+            f"Fig. 3 skipped for {group!r}: no run logged ics/<layer>/l2 and cosine "
+            "(attach lightning_norm.callbacks.ICSDrift).",
         )
     chosen = _pick(layers, 3)
     plt = _plt()
@@ -301,8 +300,7 @@ def fig_ics(runs: Sequence[Run], group: str) -> Figure:
             ax.grid(alpha=0.3)
             ax.set_xlabel("step", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{group}: {title}", fontsize=10)
-    fig.tight_layout()
+    _finish(fig, group, title)
     return Figure(
         "fig3_ics", title, caption, fig, _missing(runs, [f"ics/{chosen[0]}/l2"], "Fig. 3")
     )
@@ -344,15 +342,12 @@ def fig_landscape(runs: Sequence[Run], group: str) -> Figure:
     base = "landscape/total/"
     shown = [r for r in runs if r.has(base + "loss_min") or r.has(base + "beta_eff")]
     if not shown:
-        return Figure(
+        return _skipped(
             "fig4_landscape",
             title,
             caption,
-            None,
-            [
-                f"Fig. 4 skipped for {group!r}: no run logged landscape/total/loss_min, "
-                "grad_pred_max or beta_eff (attach lightning_norm.callbacks.LossLandscape)."
-            ],
+            f"Fig. 4 skipped for {group!r}: no run logged landscape/total/loss_min, "
+            "grad_pred_max or beta_eff (attach lightning_norm.callbacks.LossLandscape).",
         )
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
@@ -388,8 +383,7 @@ def fig_landscape(runs: Sequence[Run], group: str) -> Figure:
     axes[0].legend(fontsize=7)
     if axes[3].lines:
         axes[3].legend(fontsize=6)
-    fig.suptitle(f"{group}: {title}", fontsize=10)
-    fig.tight_layout()
+    _finish(fig, group, title)
     msgs = _missing(runs, [base + "loss_min", base + "beta_eff"], "Fig. 4")
     if not any(_curves(r) for r in shown):
         msgs.append("Fig. 4d: no landscape/total/curve_eta_<i> / curve_loss_<i> logged.")
@@ -406,21 +400,19 @@ def fig_lp(runs: Sequence[Run], group: str) -> Figure:
     )
     shown = [r for r in runs if r.variant in LP_VARIANTS]
     if not any(r.variant.startswith("lp") for r in shown):
-        return Figure(
+        return _skipped(
             "fig5_lp",
             title,
             caption,
-            None,
-            [f"Fig. 5 skipped for {group!r}: no Lp variant (lp1, lp2, lpinf) among the runs."],
+            f"Fig. 5 skipped for {group!r}: no Lp variant (lp1, lp2, lpinf) among the runs.",
         )
     tags = [t for t in ("train/acc", "train/loss") if any(r.has(t) for r in shown)]
     if not tags:
-        return Figure(
+        return _skipped(
             "fig5_lp",
             title,
             caption,
-            None,
-            [f"Fig. 5 skipped for {group!r}: no train/acc or train/loss logged."],
+            f"Fig. 5 skipped for {group!r}: no train/acc or train/loss logged.",
         )
     plt = _plt()
     fig, axes = plt.subplots(1, len(tags), figsize=(4.6 * len(tags), 3.4), squeeze=False)
@@ -442,8 +434,7 @@ def fig_lp(runs: Sequence[Run], group: str) -> Figure:
             _logy(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{group}: {title}", fontsize=10)
-    fig.tight_layout()
+    _finish(fig, group, title)
     return Figure("fig5_lp", title, caption, fig, [])
 
 
@@ -458,15 +449,12 @@ def fig_moments(runs: Sequence[Run], group: str) -> Figure:
     )
     layers = layers_with(runs, "activation", "delta_mean")
     if not layers:
-        return Figure(
+        return _skipped(
             "fig8_moments",
             title,
             caption,
-            None,
-            [
-                f"Fig. 8 skipped for {group!r}: no run logged activation/<layer>/delta_mean "
-                "(attach lightning_norm.callbacks.ActivationMoments)."
-            ],
+            f"Fig. 8 skipped for {group!r}: no run logged activation/<layer>/delta_mean "
+            "(attach lightning_norm.callbacks.ActivationMoments).",
         )
     chosen = _pick(layers, 2)
     plt = _plt()
@@ -486,8 +474,7 @@ def fig_moments(runs: Sequence[Run], group: str) -> Figure:
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{group}: {title}", fontsize=10)
-    fig.tight_layout()
+    _finish(fig, group, title)
     return Figure(
         "fig8_moments",
         title,
